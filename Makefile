@@ -1,0 +1,34 @@
+# Each target sets itself up: a virtualenv in .venv and the MicroPython
+# WebAssembly port in node_modules, both created on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PY     := $(BIN)/python
+STAMP  := $(VENV)/.installed
+NODE_STAMP := node_modules/.installed
+
+.PHONY: all deps test test-mpy sim bench firmware flash clean
+
+all: test
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+$(NODE_STAMP): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+deps: $(STAMP) $(NODE_STAMP)
+
+test: deps
+	$(PY) -m pytest -q
+
+# Only the meter-side modules, under real MicroPython (WebAssembly port).
+test-mpy: deps
+	$(PY) -m pytest -q tests/test_micropython.py -k on_micropython
+
+clean:
+	rm -rf out .pytest_cache

@@ -1,0 +1,356 @@
+"""The meter data store: SQLite in WAL mode.
+
+One file holds the registry (meters, DAPs), the readings, the request log,
+the replay state of every meter's channel and the head-end's sequences.
+Readings have one row per (meter, OBIS quantity, interval start); the
+primary key is what makes a redelivered reading a no-op.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared import obis
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS quantities (
+    tag     INTEGER PRIMARY KEY,
+    obis    TEXT NOT NULL UNIQUE,
+    unit    TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS daps (
+    dap      INTEGER PRIMARY KEY,
+    mode     TEXT NOT NULL CHECK (mode IN ('aggregate', 'router')),
+    operator TEXT NOT NULL DEFAULT 'utility'
+);
+CREATE TABLE IF NOT EXISTS meters (
+    meter        INTEGER PRIMARY KEY,
+    public_key   BLOB NOT NULL CHECK (length(public_key) = 32),
+    dap          INTEGER REFERENCES daps(dap),
+    grp          INTEGER,
+    period       INTEGER NOT NULL DEFAULT 900,
+    session      INTEGER,
+    online       INTEGER NOT NULL DEFAULT 0,
+    last_seen    REAL,
+    win_top      INTEGER NOT NULL DEFAULT -1,
+    win_bits     BLOB NOT NULL DEFAULT x'',
+    pending_will INTEGER
+);
+CREATE INDEX IF NOT EXISTS meters_by_group ON meters (grp);
+CREATE TABLE IF NOT EXISTS readings (
+    meter       INTEGER NOT NULL,
+    quantity    INTEGER NOT NULL REFERENCES quantities(tag),
+    start       INTEGER NOT NULL,
+    value       INTEGER NOT NULL,
+    quality     INTEGER NOT NULL DEFAULT 0,
+    received_at REAL NOT NULL,
+    request     INTEGER,
+    PRIMARY KEY (meter, quantity, start)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS requests (
+    request     INTEGER NOT NULL,
+    meter       INTEGER NOT NULL,
+    kind        TEXT NOT NULL,
+    flow        TEXT NOT NULL,
+    range_from  INTEGER,
+    range_to    INTEGER,
+    tolerance   INTEGER NOT NULL,
+    deadline    INTEGER NOT NULL,
+    issued_at   REAL NOT NULL,
+    attempts    INTEGER NOT NULL DEFAULT 1,
+    status      TEXT NOT NULL DEFAULT 'pending',
+    answered_at REAL,
+    parts       INTEGER,
+    parts_mask  INTEGER NOT NULL DEFAULT 0,
+    detail      INTEGER,
+    PRIMARY KEY (request, meter)
+);
+CREATE INDEX IF NOT EXISTS requests_pending ON requests (status) WHERE status = 'pending';
+CREATE TABLE IF NOT EXISTS sequences (
+    name  TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS collection (
+    meter     INTEGER PRIMARY KEY,
+    since     INTEGER NOT NULL,          -- first interval start we expect to hold
+    next_at   REAL NOT NULL DEFAULT 0,   -- when to look for missing intervals again
+    failures  INTEGER NOT NULL DEFAULT 0,
+    day       INTEGER NOT NULL DEFAULT 0,
+    reads     INTEGER NOT NULL DEFAULT 0 -- collection reads issued on that day
+);
+CREATE TABLE IF NOT EXISTS counts (
+    name  TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class MeterRow:
+    meter: int
+    public_key: bytes
+    dap: int | None
+    group: int | None
+    period: int
+    win_top: int
+    win_bits: int
+    pending_will: int | None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.meter <= 0xFFFFFFFF:
+            raise ValueError(f"meter id {self.meter} does not fit 32 bits")
+        if len(self.public_key) != 32:
+            raise ValueError("a meter's public key is 32 bytes")
+
+
+def _bits_out(bits: int) -> bytes:
+    return bits.to_bytes(8, "big")
+
+
+def _bits_in(blob: bytes) -> int:
+    return int.from_bytes(blob, "big") if blob else 0
+
+
+class Store:
+    """One connection to the store. Not shared between threads: each
+    thread that needs the store opens its own."""
+
+    def __init__(self, path: Path | str, *, synchronous: str = "FULL") -> None:
+        self.path = Path(path)
+        self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None,
+                                  check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute(f"PRAGMA synchronous={synchronous}")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.executescript(SCHEMA)
+        self.db.executemany(
+            "INSERT OR IGNORE INTO quantities (tag, obis, unit) VALUES (?, ?, ?)",
+            [(tag, code, unit) for tag, (code, unit) in obis.CODES.items()],
+        )
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # -- registry ------------------------------------------------------------
+
+    def add_dap(self, dap: int, mode: str, operator: str = "utility") -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO daps (dap, mode, operator) VALUES (?, ?, ?) "
+                "ON CONFLICT (dap) DO UPDATE SET mode = excluded.mode, operator = excluded.operator",
+                (dap, mode, operator),
+            )
+
+    def add_meters(self, rows: Sequence[tuple[int, bytes, int | None, int | None, int]]) -> None:
+        """Register meters: (meter, public key, dap, group, period), in one
+        transaction."""
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT INTO meters (meter, public_key, dap, grp, period) VALUES (?, ?, ?, ?, ?)",
+                rows)
+
+    def meter(self, meter: int) -> MeterRow | None:
+        row = self.db.execute(
+            "SELECT meter, public_key, dap, grp, period, win_top, win_bits, pending_will "
+            "FROM meters WHERE meter = ?", (meter,)).fetchone()
+        if row is None:
+            return None
+        return MeterRow(row[0], bytes(row[1]), row[2], row[3], row[4], row[5],
+                        _bits_in(row[6]), row[7])
+
+    def meters(self) -> list[MeterRow]:
+        return [
+            MeterRow(r[0], bytes(r[1]), r[2], r[3], r[4], r[5], _bits_in(r[6]), r[7])
+            for r in self.db.execute(
+                "SELECT meter, public_key, dap, grp, period, win_top, win_bits, pending_will "
+                "FROM meters ORDER BY meter")
+        ]
+
+    def group_members(self, group: int) -> list[tuple[int, int | None]]:
+        """(meter, dap) of every meter in a group."""
+        return list(self.db.execute(
+            "SELECT meter, dap FROM meters WHERE grp = ? ORDER BY meter", (group,)))
+
+    def daps(self) -> dict[int, str]:
+        return dict(self.db.execute("SELECT dap, mode FROM daps"))
+
+    # -- sequences -----------------------------------------------------------
+
+    def reserve(self, name: str, block: int) -> int:
+        """Reserve `block` consecutive values of a sequence for this process;
+        returns the first. Atomic across processes sharing the file, and it
+        never hands out a value twice, whatever crashes in between."""
+        with self.transaction() as db:
+            row = db.execute("SELECT value FROM sequences WHERE name = ?", (name,)).fetchone()
+            start = 0 if row is None else row[0]
+            db.execute(
+                "INSERT INTO sequences (name, value) VALUES (?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                (name, start + block),
+            )
+        return start
+
+    # -- ingest --------------------------------------------------------------
+
+    def save_windows(self, db: sqlite3.Connection,
+                     windows: Iterable[tuple[int, int, int, int | None]]) -> None:
+        """(meter, top, bits, pending will) for every channel that moved."""
+        db.executemany(
+            "UPDATE meters SET win_top = ?, win_bits = ?, pending_will = ? WHERE meter = ?",
+            [(top, _bits_out(bits), will, meter) for meter, top, bits, will in windows],
+        )
+
+    def add_readings(self, db: sqlite3.Connection, rows: Sequence[tuple]) -> int:
+        """Insert (meter, quantity, start, value, quality, received_at,
+        request) rows; returns how many were new (the rest were already
+        stored: duplicates)."""
+        before = db.total_changes
+        db.executemany(
+            "INSERT OR IGNORE INTO readings "
+            "(meter, quantity, start, value, quality, received_at, request) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+        return db.total_changes - before
+
+    def mark_seen(self, db: sqlite3.Connection, seen: Iterable[tuple[int, float]]) -> None:
+        db.executemany("UPDATE meters SET last_seen = ? WHERE meter = ?",
+                       [(t, m) for m, t in seen])
+
+    def set_session(self, db: sqlite3.Connection, meter: int, session: int | None,
+                    online: bool, at: float) -> int | None:
+        """Record a birth or death; returns the previous session number."""
+        row = db.execute("SELECT session FROM meters WHERE meter = ?", (meter,)).fetchone()
+        if session is None:
+            db.execute("UPDATE meters SET online = ?, last_seen = ? WHERE meter = ?",
+                       (int(online), at, meter))
+        else:
+            db.execute("UPDATE meters SET session = ?, online = ?, last_seen = ? WHERE meter = ?",
+                       (session, int(online), at, meter))
+        return None if row is None else row[0]
+
+    def bump(self, db: sqlite3.Connection, counts: dict[str, int]) -> None:
+        db.executemany(
+            "INSERT INTO counts (name, value) VALUES (?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+            list(counts.items()))
+
+    def counts(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT name, value FROM counts"))
+
+    # -- requests ------------------------------------------------------------
+
+    def add_requests(self, rows: Sequence[tuple]) -> None:
+        """(request, meter, kind, flow, from, to, tolerance, deadline, issued_at)."""
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT INTO requests (request, meter, kind, flow, range_from, range_to, "
+                "tolerance, deadline, issued_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (request, meter) DO UPDATE SET attempts = attempts + 1, "
+                "deadline = excluded.deadline",
+                rows)
+
+    def record_answers(self, db: sqlite3.Connection, at: float,
+                       answered: Sequence[tuple[int, int]],
+                       parts: Sequence[tuple[int, int, int, int]],
+                       statuses: Sequence[tuple[int, int, str, int]]) -> None:
+        """Mark requests answered. `answered`: (request, meter) of complete
+        answers; `parts`: (request, meter, part, parts) of interval parts;
+        `statuses`: (request, meter, status, detail). A late answer still
+        counts: the data arrived."""
+        if answered:
+            db.executemany(
+                "UPDATE requests SET status = 'answered', answered_at = ? "
+                "WHERE request = ? AND meter = ?", [(at, r, m) for r, m in answered])
+        if parts:
+            db.executemany(
+                "UPDATE requests SET parts = ?2, parts_mask = parts_mask | ?1, "
+                "status = CASE WHEN (parts_mask | ?1) = (1 << ?2) - 1 THEN 'answered' "
+                "ELSE 'partial' END, answered_at = ?3 WHERE request = ?4 AND meter = ?5",
+                [(1 << part, n, at, r, m) for r, m, part, n in parts])
+        if statuses:
+            db.executemany(
+                "UPDATE requests SET status = ?, detail = ?, answered_at = ? "
+                "WHERE request = ? AND meter = ?",
+                [(st, d, at, r, m) for r, m, st, d in statuses])
+
+    def request_status(self, request: int, meter: int) -> str | None:
+        row = self.db.execute("SELECT status FROM requests WHERE request = ? AND meter = ?",
+                              (request, meter)).fetchone()
+        return None if row is None else row[0]
+
+    def request_detail(self, request: int, meter: int) -> int | None:
+        row = self.db.execute("SELECT detail FROM requests WHERE request = ? AND meter = ?",
+                              (request, meter)).fetchone()
+        return None if row is None else row[0]
+
+    def set_request_status(self, request: int, meters: Iterable[int], status: str) -> None:
+        with self.transaction() as db:
+            db.executemany(
+                "UPDATE requests SET status = ? WHERE request = ? AND meter = ? "
+                "AND status IN ('pending', 'partial')",
+                [(status, request, m) for m in meters])
+
+    # -- collection ----------------------------------------------------------
+
+    def collection(self, meter: int) -> tuple[int, float, int, int, int] | None:
+        """(since, next_at, failures, day, reads) of a meter, or None."""
+        row = self.db.execute("SELECT since, next_at, failures, day, reads FROM collection "
+                              "WHERE meter = ?", (meter,)).fetchone()
+        return None if row is None else tuple(row)
+
+    def collections(self) -> dict[int, tuple[int, float, int, int, int]]:
+        return {r[0]: tuple(r[1:]) for r in self.db.execute(
+            "SELECT meter, since, next_at, failures, day, reads FROM collection")}
+
+    def set_collection(self, meter: int, since: int, next_at: float, failures: int,
+                       day: int, reads: int) -> None:
+        self.db.execute(
+            "INSERT INTO collection (meter, since, next_at, failures, day, reads) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (meter) DO UPDATE SET since = excluded.since, "
+            "next_at = excluded.next_at, failures = excluded.failures, day = excluded.day, "
+            "reads = excluded.reads", (meter, since, next_at, failures, day, reads))
+
+    def interval_starts(self, meter: int, start: int, end: int) -> list[int]:
+        """Starts of the import-interval rows held for a meter in [start, end)."""
+        return [r[0] for r in self.db.execute(
+            "SELECT start FROM readings WHERE meter = ? AND quantity = ? AND start >= ? "
+            "AND start < ? ORDER BY start", (meter, obis.INTERVAL_IMPORT, start, end))]
+
+    def online(self) -> dict[int, bool]:
+        return {m: bool(o) for m, o in self.db.execute("SELECT meter, online FROM meters")}
+
+    # -- queries -------------------------------------------------------------
+
+    def readings(self, meter: int, quantity: int | None = None, start: int = 0,
+                 end: int = 2**62) -> list[tuple[int, int, int, int, int | None]]:
+        """(quantity, start, value, quality, request) for a meter, ordered."""
+        if quantity is None:
+            return list(self.db.execute(
+                "SELECT quantity, start, value, quality, request FROM readings "
+                "WHERE meter = ? AND start >= ? AND start < ? ORDER BY quantity, start",
+                (meter, start, end)))
+        return list(self.db.execute(
+            "SELECT quantity, start, value, quality, request FROM readings "
+            "WHERE meter = ? AND quantity = ? AND start >= ? AND start < ? ORDER BY start",
+            (meter, quantity, start, end)))
+
+    def reading_count(self) -> int:
+        return self.db.execute("SELECT count(*) FROM readings").fetchone()[0]
+
+    def now(self) -> float:
+        return time.time()
