@@ -39,6 +39,7 @@ BATCH_GAP = 0.002  # ...but it closes once nothing arrives for this long
 SHUTDOWN_GRACE = 5.0  # seconds to wait for the head-end's last acks
 LOG_PER_REASON = 10  # rejection lines logged per reason and stats interval
 
+
 class Dap:
     def __init__(self, config: Config, backend: Backend = inbound.CBOR) -> None:
         self.cfg = config
@@ -133,14 +134,18 @@ class Dap:
             return []
         batch = [first]
         end = time.monotonic() + BATCH_LINGER
+        get, get_nowait = self._inbox.get, self._inbox.get_nowait
         while len(batch) < BATCH_MAX:
-            left = end - time.monotonic()
-            if left <= 0:
-                break
             try:
-                item = self._inbox.get(timeout=min(left, BATCH_GAP))
+                item = get_nowait()
             except Empty:
-                break
+                left = end - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    item = get(timeout=min(left, BATCH_GAP))
+                except Empty:
+                    break
             if item is None:
                 break
             batch.append(item)

@@ -10,10 +10,15 @@ Counters (all since the process started):
   requests_delivered  sealed requests delivered to meters (forward messages)
   group_fanouts       group messages fanned out
   group_items         group items delivered to member meters
-  rejected:<reason>   input refused: topic, malformed, oversized, version, kind, mismatch
-  dropped:<reason>    accepted input not kept: budget (disk budget full),
-                      duplicate (a redelivery already queued), shutdown
-                      (left to the broker to redeliver after a restart)
+  rejected:<reason>   input refused and dropped: topic, malformed, oversized,
+                      version, kind, mismatch (and internal: a bug, logged
+                      with its traceback)
+  dropped:<reason>    valid envelopes not kept: budget (the disk budget is
+                      full), duplicate (a broker redelivery of one stored
+                      already)
+
+Messages that arrive while the DAP stops are left unacknowledged, for the
+broker to redeliver after the restart; they are logged, not counted.
 
 Gauges: queue_depth (envelopes held), queue_bytes (as counted against the
 budget), queue_fill (fraction of the budget), unacked_bundles, buffered

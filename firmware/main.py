@@ -94,34 +94,34 @@ def run(config=CONFIG, data=DATA, retry_ms=CONFIG_RETRY_MS, grace_ms=BOOT_GRACE_
     led.show(board.BOOT, 0)
     _say("booting (%s)" % sys.implementation._machine if hasattr(sys.implementation, "_machine")
          else "booting")
-    while True:
-        try:
-            cfg, key = _load(config)
-            break
-        except ConfigError as e:
-            problem = str(e)
-        except MemoryError:
-            raise
-        except Exception as e:  # e.g. a read error on the file system
-            problem = "%s could not be read (%r)" % (config, e)
-        if not _safe_mode(problem, led, retry_ms):
-            return
-    _say("meter %d, %s" % (cfg["meter"], "behind DAP %d" % cfg["dap"] if cfg["dap"] is not None
-                           else "direct to the head-end"))
-    b = board.Board(cfg)
-    led = b.led
-    led.show(board.BOOT, b.uptime.ms())
-    _say("reset cause:", b.reset_cause())
-    for note in b.source.notes:
-        _say(note)
-    if grace_ms > 0:
-        _say("starting in %d s (Ctrl-C now for the REPL without the watchdog)"
-             % (grace_ms // 1000))
-        try:
+    try:
+        while True:
+            try:
+                cfg, key = _load(config)
+                break
+            except ConfigError as e:
+                problem = str(e)
+            except MemoryError:
+                raise
+            except Exception as e:  # e.g. a read error on the file system
+                problem = "%s could not be read (%r)" % (config, e)
+            if not _safe_mode(problem, led, retry_ms):
+                return
+        _say("meter %d, %s" % (cfg["meter"], "behind DAP %d" % cfg["dap"]
+                               if cfg["dap"] is not None else "direct to the head-end"))
+        b = board.Board(cfg)
+        led = b.led
+        led.show(board.BOOT, b.uptime.ms())
+        _say("reset cause:", b.reset_cause())
+        for note in b.source.notes:
+            _say(note)
+        if grace_ms > 0:
+            _say("starting in %d s (Ctrl-C now for the REPL without the watchdog)"
+                 % (grace_ms // 1000))
             board.sleep_ms(grace_ms)
-        except KeyboardInterrupt:
-            _say("stopped before start (at the REPL)")
-            return
+    except KeyboardInterrupt:
+        _say("stopped before start (at the REPL, watchdog not armed)")
+        return
     b.wdt.arm(wdt_ms)
 
     from firmware.app import App

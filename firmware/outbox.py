@@ -55,7 +55,7 @@ def _forget(seq):
 
 
 def _parse(data):
-    """(generation, next seq, [[seq, payload], ...], bytes used) of one log
+    """(generation, next seq, [(seq, payload), ...], bytes used) of one log
     file, or None if it has no complete header and snapshot."""
     n = len(data)
     if n < _HEAD or data[0] != 0x48:
@@ -73,7 +73,7 @@ def _parse(data):
             end = at + _ADD + size
             if end > n or _crc(data[at:end - 4]) != data[end - 4:end]:
                 break
-            items.append([seq, data[at + 7:end - 4]])
+            items.append((seq, data[at + 7:end - 4]))
             if seq >= nxt:
                 nxt = seq + 1
         elif kind == 0x46 and seen >= count and at + _FORGET <= n:
@@ -98,7 +98,7 @@ class Outbox:
         self.max_items = max_items
         self.max_bytes = max_bytes
         self.slack = slack
-        self.items = []  # [seq, payload], oldest first
+        self.items = []  # (seq, payload), oldest first
         self.bytes = 0   # payload bytes held
         self.dropped = 0  # entries pushed out by newer ones since boot
         self.gen = 0
@@ -138,7 +138,7 @@ class Outbox:
         payload = bytes(payload)
         seq = self.next
         self.next = seq + 1
-        self.items.append([seq, payload])
+        self.items.append((seq, payload))
         self.bytes += len(payload)
         self._append(_add(seq, payload))
         gone = self._trim()

@@ -114,7 +114,7 @@ class Profile:
                 rec = data[at:at + _REC]
                 if _check(rec[:13]) != rec[13]:
                     break
-                k, imp, exp, flags = struct.unpack(">IIIB", rec)
+                k, imp, exp, flags = struct.unpack_from(">IIIB", rec)  # rec ends in its CRC
                 if k // _SEG != seg:
                     break
                 if run and k != run[-1][0] + 1:

@@ -18,7 +18,7 @@ except ImportError:  # CPython
 
 
 _FMT = ">2sIIIII"
-_SIZE = const(26)
+_SIZE = const(22)  # struct.calcsize(_FMT)
 _NONE = const(0xFFFFFFFF)
 _SLOTS = ("state.a", "state.b")
 

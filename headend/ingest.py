@@ -88,6 +88,7 @@ class Ingest:
             window = ReplayWindow(top=row.win_top, bits=row.win_bits)
             ch = Channel(self.backend, key, meter, DOWN, _NoCounter(), window)
             ch.pending_will = row.pending_will
+            ch.session = row.session
             got = self._channels[meter] = (ch, row)
         return got
 

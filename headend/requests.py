@@ -31,6 +31,9 @@ from headend.store import MeterRow, Store
 # flow B 15 to 30 s to the DAP). A request's deadline is its issue time plus
 # its delay tolerance plus this.
 BUDGET = {"A": 10, "B": 30}
+# The longest delay tolerance a request may carry (about 18 h): it keeps a
+# sealed on-demand request within 72 bytes.
+MAX_TOLERANCE = 65535
 GROUP_CHUNK = 1000  # members per group-request message
 
 
@@ -47,8 +50,8 @@ class ReadSpec:
     def __post_init__(self) -> None:
         if self.kind not in ("current", "interval"):
             raise ValueError(f"unknown read kind {self.kind!r}: use 'current' or 'interval'")
-        if not 0 <= self.tolerance <= 86400:
-            raise ValueError("tolerance is 0 to 86400 seconds")
+        if not 0 <= self.tolerance <= MAX_TOLERANCE:
+            raise ValueError(f"tolerance is 0 to {MAX_TOLERANCE} seconds")
         if self.kind == "interval":
             if self.start is None or self.end is None or not 0 <= self.start < self.end <= MAX_U32:
                 raise ValueError("an interval read needs --from before --to")
@@ -83,9 +86,34 @@ class Issued:
     messages: tuple[Outgoing, ...]
 
 
+class DownlinkCounter:
+    """The head-end's downlink counter, shared by every process on the
+    store. Each send reserves exactly the values it is about to use, in one
+    transaction, and uses them at once: meters see the counter rise in time
+    order even when several head-end processes send (a block reserved early
+    and used late would land below another process's newer values, outside
+    the meters' 64-wide windows)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._next = self._end = 0
+
+    def reserve(self, n: int) -> None:
+        self._next = self.store.reserve("downlink", n)
+        self._end = self._next + n
+
+    def next(self) -> int:
+        if self._next >= self._end:
+            raise RuntimeError("reserve downlink counters right before sealing with them")
+        value = self._next
+        self._next += 1
+        return value
+
+
 class BlockCounter:
-    """A sequence shared by every process on the store: values are reserved
-    in blocks, so none is ever handed out twice, even across crashes."""
+    """A sequence shared by every process on the store, for values that only
+    need to be unique (request ids): reserved in blocks, so none is ever
+    handed out twice, even across crashes."""
 
     def __init__(self, store: Store, name: str, block: int = 256) -> None:
         self.store, self.name, self.block = store, name, block
@@ -110,10 +138,11 @@ class Requester:
         self.secret_key = secret_key
         self.backend = backend
         self.urandom = urandom
-        self.downlink = BlockCounter(store, "downlink")
+        self.downlink = DownlinkCounter(store)
         self.request_ids = BlockCounter(store, "request")
         self._channels: dict[int, tuple[Channel, MeterRow]] = {}
         self._lock = threading.Lock()
+        self._send_lock = threading.RLock()  # one send at a time: reserve, then seal
 
     def _channel(self, meter: int) -> tuple[Channel, MeterRow]:
         with self._lock:
@@ -151,7 +180,9 @@ class Requester:
         row = self._channel(meter)[1]
         flow = "A" if row.dap is None else "B"
         deadline = int(now) + spec.tolerance + self.budget[flow]
-        wire, row = self._sealed(meter, spec, reqid, deadline)
+        with self._send_lock:
+            self.downlink.reserve(1)
+            wire, row = self._sealed(meter, spec, reqid, deadline)
         if row.dap is None:
             out = Outgoing(topics.meter_down(meter), wire)
         else:
@@ -167,8 +198,10 @@ class Requester:
         reqid = self.new_request_id()
         deadline = int(now) + spec.tolerance + self.budget["B"]
         out = []
-        for meter, dap in members:
-            wire, _ = self._sealed(meter, spec, reqid, deadline)
+        with self._send_lock:
+            self.downlink.reserve(len(members))
+            wires = [self._sealed(m, spec, reqid, deadline)[0] for m, _ in members]
+        for (meter, dap), wire in zip(members, wires):
             if dap is None:
                 out.append(Outgoing(topics.meter_down(meter), wire))
             else:
@@ -185,14 +218,17 @@ class Requester:
         reqid = self.new_request_id()
         deadline = int(now) + spec.tolerance + self.budget["B"]
         by_dap: dict[int, list[int]] = defaultdict(list)
-        out = []
+        direct = [m for m, dap in members if dap is None]
         for meter, dap in members:
-            if dap is None:
+            if dap is not None:
+                by_dap[dap].append(meter)
+        out = []
+        with self._send_lock:
+            self.downlink.reserve(len(direct) + 1)
+            for meter in direct:
                 wire, _ = self._sealed(meter, spec, reqid, deadline)
                 out.append(Outgoing(topics.meter_down(meter), wire))
-            else:
-                by_dap[dap].append(meter)
-        ctr = self.downlink.next()
+            ctr = self.downlink.next()
         body_fields = spec.body(reqid, deadline)
         for dap, meters in by_dap.items():
             for i in range(0, len(meters), GROUP_CHUNK):

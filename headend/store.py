@@ -100,6 +100,7 @@ class MeterRow:
     win_top: int
     win_bits: int
     pending_will: int | None
+    session: int | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.meter <= 0xFFFFFFFF:
@@ -167,12 +168,12 @@ class Store:
 
     def meter(self, meter: int) -> MeterRow | None:
         row = self.db.execute(
-            "SELECT meter, public_key, dap, grp, period, win_top, win_bits, pending_will "
-            "FROM meters WHERE meter = ?", (meter,)).fetchone()
+            "SELECT meter, public_key, dap, grp, period, win_top, win_bits, pending_will, "
+            "session FROM meters WHERE meter = ?", (meter,)).fetchone()
         if row is None:
             return None
         return MeterRow(row[0], bytes(row[1]), row[2], row[3], row[4], row[5],
-                        _bits_in(row[6]), row[7])
+                        _bits_in(row[6]), row[7], row[8])
 
     def meters(self) -> list[MeterRow]:
         return [

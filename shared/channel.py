@@ -15,7 +15,7 @@ from shared.const import (
     T_DEATH,
     UP,
 )
-from shared.errors import DecodeError, MismatchError
+from shared.errors import DecodeError, MismatchError, ReplayError, StaleError
 from shared.replay import ReplayWindow
 
 
@@ -51,6 +51,9 @@ class Channel:
         # birth (head-end side). The broker publishes that will late, after
         # newer messages, so it is accepted by this match, once.
         self.pending_will = None
+        # The meter's current session, from its last birth (None: unknown).
+        # A death must name it: an earlier session's will is refused.
+        self.session = None
 
     def seal(self, mtype, body, nonce):
         """(counter, envelope) for a new message. `nonce`: 24 fresh random
@@ -64,6 +67,9 @@ class Channel:
         Returns (type, counter, body) with the body not yet checked; changes
         nothing. Raises a ProtocolError for anything not authentic or not
         meant for this end."""
+        kind, hint = envelope.peek(wire)
+        if hint != self.meter:
+            raise MismatchError("envelope addressed to meter %d, not %d" % (hint, self.meter))
         pt = envelope.open(self.backend, self.key, wire)
         return messages.decode(self.backend, pt, self.meter, self.receives)
 
@@ -94,13 +100,24 @@ class Channel:
 
     def accept(self, mtype, ctr, body):
         """Record an authentic, checked message in the replay state.
-        Raises ReplayError (and records nothing) for a replay."""
-        if mtype == T_DEATH and ctr == self.pending_will:
-            self.pending_will = None
-            return
+        Raises ReplayError (and records nothing) for a replay, or for the
+        death of a session that is no longer current."""
+        if mtype == T_DEATH:
+            if self.session is not None and body[0] != self.session:
+                # typically the will of a session the meter has since replaced
+                raise StaleError("death of session %d; the current session is %d"
+                                 % (body[0], self.session))
+            if ctr == self.pending_will:
+                try:
+                    self.window.accept(ctr)  # so a second copy is a duplicate
+                except ReplayError:
+                    pass  # older than the window: the match below is what counts
+                self.pending_will = None
+                return
         self.window.accept(ctr)
         if mtype == T_BIRTH:
             self.pending_will = body[1]
+            self.session = body[0]
 
     def open(self, wire):
         """Open, check and accept one sealed envelope. Returns (type,

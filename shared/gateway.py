@@ -73,6 +73,8 @@ def decode(backend, data):
     if obj[0] != VERSION or type(obj[0]) is not int:
         raise VersionError("gateway message version %r; this code speaks %d" % (obj[0], VERSION))
     kind = obj[1]
+    if type(kind) is not int:
+        raise DecodeError("gateway message kind must be an integer")
     if kind == K_FORWARD and len(obj) == 4:
         return kind, uint(obj[2], "tolerance"), _envelopes(obj[3], MAX_BUNDLE_ITEMS)
     if kind == K_BUNDLE and len(obj) == 5:
@@ -103,4 +105,3 @@ def decode(backend, data):
     raise DecodeError("unknown gateway message kind %r with %d fields" % (kind, len(obj)))
 
 
-MAX_TOLERANCE = MAX_U32

@@ -29,11 +29,21 @@ def dap_name(dap):
     return "d%d" % dap
 
 
+def _digits(s):
+    """ASCII digits only (str.isdigit also takes other scripts' digits)."""
+    if not s:
+        return False
+    for c in s:
+        if c < "0" or c > "9":
+            return False
+    return True
+
+
 def _id(name, prefix):
     digits = name[1:]
     if (
         not name.startswith(prefix)
-        or not digits.isdigit()
+        or not _digits(digits)
         or len(digits) > 10
         or (digits[0] == "0" and len(digits) > 1)
         or int(digits) > 0xFFFFFFFF

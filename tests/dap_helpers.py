@@ -70,22 +70,28 @@ class Keys:
 
 
 def connect(host: str, port: int, client_id: str, on_message=None,
-            subs: tuple[str, ...] = ()) -> mqtt.Client:
+            subs: tuple[str, ...] = (), account=None) -> mqtt.Client:
     c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True,
                     protocol=mqtt.MQTTv311)
+    if account is not None:
+        c.username_pw_set(account.username, account.password)
     c.max_inflight_messages_set(1000)
     if on_message is not None:
         c.on_message = on_message
-    done = threading.Event()
-    c.on_connect = lambda *a: done.set()
     subscribed = threading.Event()
+    c.reconnect_delay_set(0.2, 2)
+
+    def on_connect(client, userdata, flags, reason, properties):
+        if subs:  # again after every reconnect: a clean session forgets them
+            client.subscribe([(s, 1) for s in subs])
+        else:
+            subscribed.set()
+
+    c.on_connect = on_connect
     c.on_subscribe = lambda *a: subscribed.set()
     c.connect(host, port, 30)
     c.loop_start()
-    assert done.wait(15), f"no CONNACK from {host}:{port}"
-    if subs:
-        c.subscribe([(s, 1) for s in subs])
-        assert subscribed.wait(15), "no SUBACK"
+    assert subscribed.wait(15), f"no CONNACK or SUBACK from {host}:{port}"
     return c
 
 
@@ -98,14 +104,32 @@ class Meters:
     """Fake flow-B meters behind DAP `dap`: one MQTT client publishes for
     all of them and receives their downlinks."""
 
-    def __init__(self, host: str, port: int, keys: Keys, dap: int = 1) -> None:
+    def __init__(self, host: str, port: int, keys: Keys, dap: int = 1,
+                 accounts: dict | None = None) -> None:
+        """`accounts` (username -> Account): each meter connects as itself
+        (a broker with ACLs); else one anonymous client serves them all."""
         self.keys, self.dap = keys, dap
+        self.host, self.port, self.accounts = host, port, accounts
         self.channels: dict[int, Channel] = {}
         self.sent: list[bytes] = []
         self.down: list[tuple[int, bytes]] = []
         self._lock = threading.Lock()
-        self.client = connect(host, port, f"meters-sim-{os.getpid()}", self._on_message,
-                              (f"d{dap}/+/down",))
+        self.clients: dict[int, mqtt.Client] = {}
+        self.client = None
+        if accounts is None:
+            self.client = connect(host, port, f"meters-sim-{os.getpid()}", self._on_message,
+                                  (f"d{dap}/+/down",))
+
+    def client_for(self, meter: int) -> mqtt.Client:
+        if self.client is not None:
+            return self.client
+        if meter not in self.clients:
+            assert self.accounts is not None
+            name = topics.meter_name(meter)
+            self.clients[meter] = connect(self.host, self.port, name, self._on_message,
+                                          (topics.meter_down(meter, self.dap),),
+                                          self.accounts[name])
+        return self.clients[meter]
 
     def _on_message(self, c, userdata, msg) -> None:
         _, meter, _ = topics.parse(msg.topic)
@@ -124,15 +148,19 @@ class Meters:
     def send(self, meter: int, reqid: int = 1, topic_meter: int | None = None) -> bytes:
         wire = self.envelope(meter, reqid)
         self.publish(topics.meter_up(meter if topic_meter is None else topic_meter, self.dap),
-                     wire)
+                     wire, self.client_for(meter))
         self.sent.append(wire)
         return wire
 
-    def publish(self, topic: str, payload: bytes) -> None:
-        self.client.publish(topic, payload, qos=1).wait_for_publish(15)
+    def publish(self, topic: str, payload: bytes, client: mqtt.Client | None = None) -> None:
+        c = client or self.client
+        assert c is not None
+        c.publish(topic, payload, qos=1).wait_for_publish(15)
 
     def close(self) -> None:
-        close(self.client)
+        for c in [self.client, *self.clients.values()]:
+            if c is not None:
+                close(c)
 
 
 class HeadEnd:
@@ -140,7 +168,7 @@ class HeadEnd:
     bundle with the meter's key; acknowledges bundles when auto_ack."""
 
     def __init__(self, host: str, port: int, keys: Keys, dap: int = 1,
-                 auto_ack: bool = True) -> None:
+                 auto_ack: bool = True, account=None) -> None:
         self.keys, self.dap, self.auto_ack = keys, dap, auto_ack
         self.bundles: list[tuple[int, list[bytes]]] = []
         self.states: list[dict] = []
@@ -148,8 +176,9 @@ class HeadEnd:
         self.errors: list[str] = []
         self.downlink = Counter(1000)
         self._lock = threading.Lock()
-        self.client = connect(host, port, f"headend-sim-{os.getpid()}", self._on_message,
-                              (topics.dap_up(dap), topics.dap_state(dap)))
+        self.client = connect(host, port, "headend" if account else f"headend-sim-{os.getpid()}",
+                              self._on_message, (topics.dap_up(dap), topics.dap_state(dap)),
+                              account)
 
     def _on_message(self, c, userdata, msg) -> None:
         try:
@@ -229,13 +258,19 @@ class HeadEnd:
 def write_config(path: Path, port: int, state_dir: Path, dap: int = 1, mode: str = "aggregate",
                  aggregate: dict | None = None, queue: dict | None = None,
                  host: str = "127.0.0.1", stats_interval: float = 0.2,
-                 headend_port: int | None = None, sync: str = "full") -> Path:
+                 headend_port: int | None = None, sync: str = "full",
+                 account=None) -> Path:
     agg = {"window": 1.0, "max_items": 1000, "max_bytes": 262144} | (aggregate or {})
     q = {"ack_timeout": 30.0, "drain_rate": 50.0, "sync": sync} | (queue or {})
     up = ""
     if headend_port is not None:
         up = f'[headend_broker]\nhost = "{host}"\nport = {headend_port}\n'
 
+    login = ""
+    if account is not None:  # the password in a file of its own, as deployed
+        secret = path.with_name(path.stem + ".secret")
+        secret.write_text(account.password + "\n")
+        login = f'username = "{account.username}"\npassword_file = "{secret.name}"\n'
 
     def table(d: dict) -> str:
         return "\n".join(f"{k} = {json.dumps(v)}" for k, v in d.items())
@@ -247,7 +282,7 @@ state_dir = "{state_dir}"
 [meters_broker]
 host = "{host}"
 port = {port}
-
+{login}
 {up}
 [aggregate]
 {table(agg)}

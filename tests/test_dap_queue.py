@@ -60,11 +60,40 @@ def test_uncommitted_is_lost_on_reopen(qpath):
 
 
 def test_duplicate_envelope_stored_once(qpath):
+    """A broker redelivery of an envelope stored recently is recognised:
+    in the same run (even after its bundle was acked and deleted) and after
+    a reopen (while it is still queued)."""
     q = open_q(qpath)
-    assert q.put(env(1), 0.0) is not None
+    i = q.put(env(1), 0.0)
+    assert i is not None
     assert q.put(env(1), 0.0) is None
     q.commit()
     assert q.depth == 1
+    s = q.bundle([(i, env(1))], 0.0, 1.0)
+    q.ack([[s, s]])
+    q.commit()
+    assert q.depth == 0 and q.put(env(1), 0.0) is None
+    q.put(env(2), 0.0)
+    q.commit()
+    q.close()
+    q = open_q(qpath)
+    assert q.put(env(2), 0.0) is None
+    assert q.put(env(3), 0.0) is not None
+    q.commit()
+    assert q.depth == 2
+    q.close()
+
+
+def test_dedup_window_is_bounded(qpath, monkeypatch):
+    import dap.queue as dq
+
+    monkeypatch.setattr(dq, "DEDUP_WINDOW", 3)
+    q = open_q(qpath)
+    for n in range(5):
+        q.put(env(n), 0.0)
+    assert len(q._recent) == 3
+    assert q.put(env(0), 0.0) is not None  # forgotten: beyond the window
+    assert q.put(env(4), 0.0) is None
     q.close()
 
 

@@ -331,6 +331,25 @@ def test_kill9_recovery(world):
     wait_until(lambda: w.head.counter("queue_depth") == 0, 30, "all acked")
 
 
+def test_broker_restart(world):
+    """The broker goes away and comes back: the DAP reconnects by itself
+    and carries on; what it had queued is delivered."""
+    w = world
+    w.head.auto_ack = False
+    w.dap(aggregate={"window": 0.5}, queue={"ack_timeout": 2.0})
+    before = [w.meters.send(5), w.meters.send(6)]
+    wait_until(lambda: set(before) <= set(w.head.envelopes()), 30, "first bundle")
+    w.broker.restart()  # the bundle was never acked
+    w.head.auto_ack = True
+    restarted = time.time()
+    wait_until(lambda: w.head.fresh_state(restarted).get("state") == "online", 60,
+               "the DAP back online")
+    after = [w.meters.send(7)]
+    wait_until(lambda: set(before + after) <= set(w.head.envelopes()), 60, "all envelopes")
+    wait_until(lambda: w.head.counter("queue_depth") == 0, 60, "all acked")
+    assert w.daps[-1].running()
+
+
 def test_sigterm_flushes_buffer_and_goes_offline(world):
     w = world
     d = w.dap(aggregate={"window": 120.0})
@@ -419,7 +438,8 @@ def test_separate_headend_broker(world, broker_kind, tmp_path):
     try:
         head = HeadEnd(up.host, up.port, w.keys)
         path = write_config(tmp_path / "two.toml", w.broker.port, tmp_path / "st2",
-                            headend_port=up.port, aggregate={"window": 0.5})
+                            headend_port=up.port, aggregate={"window": 0.5},
+                            queue={"ack_timeout": 2.0})
         d = DapProcess(path, tmp_path / "two.log")
         w.daps.append(d)
         d.start(head)
@@ -430,6 +450,14 @@ def test_separate_headend_broker(world, broker_kind, tmp_path):
         head.forward([r], tolerance=5)
         wait_until(lambda: w.meters.downlinks(5) == [r], 30, "request via the other broker")
         wait_until(lambda: head.counter("bundles_acked") == 1, 30, "ack over the upstream")
+        # The head-end's broker goes away: the DAP keeps taking readings and
+        # sends them once it is back.
+        up.stop()
+        offline = [w.meters.send(7), w.meters.send(8)]
+        wait_until(lambda: d.check_alive() and "queue=2 envelopes" in d.log(20), 30,
+                   "readings queued while the head-end is away")
+        up.restart()
+        wait_until(lambda: set(offline) <= set(head.envelopes()), 60, "the backlog delivered")
         assert d.stop() == 0
         wait_until(lambda: head.state().get("state") == "offline", 30, "offline upstream")
     finally:
@@ -438,6 +466,52 @@ def test_separate_headend_broker(world, broker_kind, tmp_path):
         for d in w.daps:
             d.kill()
         up.stop()
+
+
+def test_with_broker_accounts_and_acls(secured_broker, tmp_path):
+    """On a broker with accounts and the product's ACLs, the DAP (account
+    d1) can subscribe, publish bundles, downlinks and its retained status
+    with its will, and --check passes with its credentials."""
+    from headend.brokerconf import Layout
+
+    broker = secured_broker(Layout(meters=((5, 1), (6, 1)), daps=(1,)))
+    acc = broker.accounts
+    keys = Keys()
+    head = HeadEnd(broker.host, broker.port, keys, account=acc["headend"])
+    meters = Meters(broker.host, broker.port, keys, accounts=acc)
+    d = None
+    try:
+        cfg = write_config(tmp_path / "acl.toml", broker.port, tmp_path / "st",
+                           account=acc["d1"], aggregate={"window": 0.5})
+        r = run_cli("--config", str(cfg), "--check")
+        assert r.returncode == 0, r.stderr
+        assert "as d1" in r.stdout
+        d = DapProcess(cfg, tmp_path / "acl.log").start(head)
+        sent = [meters.send(5), meters.send(6)]
+        wait_until(lambda: sorted(head.envelopes()) == sorted(sent), 30, "bundle via ACLs")
+        req = head.request(6)
+        head.forward([req], tolerance=3)
+        wait_until(lambda: meters.downlinks(6) == [req], 30, "downlink via ACLs")
+        wait_until(lambda: head.counter("bundles_acked") >= 1, 30, "ack via ACLs")
+        assert "refused" not in d.log(200)
+        d.kill()
+        wait_until(lambda: head.state() == {"state": "offline"}, 60, "the will, allowed")
+    finally:
+        if d is not None:
+            d.kill()
+        meters.close()
+        head.close()
+
+
+def test_check_wrong_password(secured_broker, tmp_path):
+    from headend.brokerconf import Account, Layout
+
+    broker = secured_broker(Layout(daps=(1,)))
+    cfg = write_config(tmp_path / "bad.toml", broker.port, tmp_path / "st",
+                       account=Account("d1", "not-the-password"))
+    r = run_cli("--config", str(cfg), "--check", "--timeout", "5")
+    assert r.returncode == 1
+    assert f"the broker at 127.0.0.1:{broker.port} refused the connection" in r.stderr
 
 
 def test_check_success(world, tmp_path):

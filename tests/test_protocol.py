@@ -34,10 +34,9 @@ from dap import inbound
 from firmware.flash import Flash
 from firmware.meter import Meter
 from firmware.metrology import SimulatedLoad
-from firmware import state as fstate
 from firmware.state import State
 from headend.ingest import Ingest
-from headend.requests import ReadSpec
+from headend.requests import MAX_TOLERANCE, ReadSpec, Requester
 from headend.store import Store
 from shared import envelope, gateway, group, messages, obis, topics
 from shared.backend import NATIVE, PURE
@@ -49,7 +48,6 @@ from shared.const import (
     ENV_GROUP_ITEM,
     ENV_HEADER,
     ENV_SEALED,
-    GROUP_TAG_BYTES,
     K_ACK,
     K_BUNDLE,
     K_FORWARD,
@@ -232,7 +230,8 @@ def test_round_trip_every_message_type(backend, name, mtype, body):
 
 
 def test_round_trip_both_ways_in_sequence(backend):
-    """A conversation: birth, requests down, answers up, goodbye."""
+    """Every sample three times over, both directions interleaved: the
+    counters arrive in order at each end."""
     link = Link(backend)
     up_seen, down_seen = [], []
     for name, mtype, body in SAMPLES * 3:
@@ -295,7 +294,8 @@ def test_group_interval_request_round_trip(backend):
 
 GATEWAY_SAMPLES = [
     ("forward", lambda b, e: gateway.forward(b, 30, [e]), lambda e: (K_FORWARD, 30, [e])),
-    ("forward-many", lambda b, e: gateway.forward(b, 0, [e] * 5), lambda e: (K_FORWARD, 0, [e] * 5)),
+    ("forward-many", lambda b, e: gateway.forward(b, 0, [e] * 5),
+     lambda e: (K_FORWARD, 0, [e] * 5)),
     ("bundle", lambda b, e: gateway.bundle(b, 12, 2**64 - 1, [e, e]),
      lambda e: (K_BUNDLE, 12, 2**64 - 1, [e, e])),
     ("ack", lambda b, e: gateway.ack(b, 12, [(0, 0), (5, 9)]),
@@ -447,10 +447,6 @@ def test_flip_any_byte_of_an_envelope_exhaustive(backend, name, mtype, body):
     assert receiver.open(wire)[0] == mtype  # the original still opens: nothing moved
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: shared/channel.py Channel.unseal never compares the envelope's meter-id hint "
-    "(bytes 1-4) with self.meter, so an envelope with a changed hint is accepted; "
-    "unseal_group_item does check it (MismatchError)"))
 @pytest.mark.parametrize(("name", "mtype", "body"), SAMPLES[:1] + SAMPLES[-2:-1],
                          ids=[SAMPLES[0][0], SAMPLES[-2][0]])
 def test_flip_meter_id_hint_of_an_envelope(backend, name, mtype, body):
@@ -747,26 +743,8 @@ class CutFlash:
         return list(self.files)
 
 
-class state_size_fixed:
-    """Run with firmware.state._SIZE equal to the size of the record that
-    _FMT describes, isolating a test from the _SIZE bug
-    (test_state_survives_reboot). A no-op once state.py is fixed."""
-
-    def __enter__(self):
-        self.saved = fstate._SIZE
-        fstate._SIZE = struct.calcsize(fstate._FMT)
-
-    def __exit__(self, *exc):
-        fstate._SIZE = self.saved
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: firmware/state.py _SIZE is 26 but the record (_FMT '>2sIIIII', what _pack "
-    "writes) is 22 bytes, so _unpack rejects every saved slot: after any reboot up_saved, "
-    "down_top and session are lost and the uplink counter restarts at 0 (counter reuse; "
-    "the head-end then refuses the meter as duplicate/stale) and old requests are "
-    "accepted again"))
 def test_state_survives_reboot():
+    """The two-slot record reads back what was saved (the newest slot)."""
     flash = CutFlash()
     state = State(flash)
     state.up_saved, state.down_top, state.session = 64, 1234, 3
@@ -782,11 +760,6 @@ def test_state_survives_reboot():
 def test_meter_state_counter_never_repeats_across_torn_writes(boots):
     """The meter's own persistence (firmware/state.py, two slots) under a
     skip-ahead counter: a write torn at any byte, then a reboot."""
-    with state_size_fixed():
-        _torn_writes(boots)
-
-
-def _torn_writes(boots):
     flash = CutFlash()
     values = []
     for calls, cut, torn in boots:
@@ -951,11 +924,14 @@ BODY_BAD = [
      _replace(GOOD[T_CURRENT], 2, [1, 5, 2, 0, 3, 1, 4, 1, 9, 9])),
     ("current-regs-tag-0", T_CURRENT,
      _replace(GOOD[T_CURRENT], 2, [0, 5, 1, 5, 2, 0, 3, 1, 4, 1])),
-    ("current-regs-value-bool", T_CURRENT, _replace(GOOD[T_CURRENT], 2, [1, True, 2, 0, 3, 1, 4, 1])),
-    ("current-regs-value-negative", T_CURRENT, _replace(GOOD[T_CURRENT], 2, [1, -5, 2, 0, 3, 1, 4, 1])),
+    ("current-regs-value-bool", T_CURRENT,
+     _replace(GOOD[T_CURRENT], 2, [1, True, 2, 0, 3, 1, 4, 1])),
+    ("current-regs-value-negative", T_CURRENT,
+     _replace(GOOD[T_CURRENT], 2, [1, -5, 2, 0, 3, 1, 4, 1])),
     ("current-regs-value-2**32", T_CURRENT,
      _replace(GOOD[T_CURRENT], 2, [1, 2**32, 2, 0, 3, 1, 4, 1])),
-    ("current-regs-nested", T_CURRENT, _replace(GOOD[T_CURRENT], 2, [[1, 5], [2, 0], [3, 1], [4, 1]])),
+    ("current-regs-nested", T_CURRENT,
+     _replace(GOOD[T_CURRENT], 2, [[1, 5], [2, 0], [3, 1], [4, 1]])),
     ("current-regs-too-many", T_CURRENT,
      _replace(GOOD[T_CURRENT], 2, [x for k in range(2 * MAX_ROWS + 1) for x in (k, 0)])),
     ("interval-short", T_INTERVAL, _iv[:9]),
@@ -1120,6 +1096,7 @@ GATEWAY_BAD = [  # (id, value to encode with cbor2, or bytes, exception)
     ("kind-fields", [VERSION, K_ACK, 1, [], 0], DecodeError),
     ("forward-none", [VERSION, K_FORWARD, 0, []], DecodeError),
     ("forward-too-many", [VERSION, K_FORWARD, 0, [_env()] * (MAX_BUNDLE_ITEMS + 1)], DecodeError),
+    ("bundle-too-many", [VERSION, K_BUNDLE, 1, 0, [_env()] * (MAX_BUNDLE_ITEMS + 1)], DecodeError),
     ("forward-short-env", [VERSION, K_FORWARD, 0, [_env(ENV_HEADER + MAC_BYTES - 1)]], DecodeError),
     ("forward-long-env", [VERSION, K_FORWARD, 0, [_env(MAX_ENVELOPE + 1)]], DecodeError),
     ("forward-env-str", [VERSION, K_FORWARD, 0, ["x" * 50]], DecodeError),
@@ -1173,10 +1150,6 @@ def test_gateway_decode_rejects(backend, name, value, exc):
     expect(exc, gateway.decode, backend, data)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: shared/gateway.py decode() compares the kind with == and never checks its type, "
-    "so [1, true, 0, [env]] decodes as a forward (kind True) and [1, 4.0, 0, []] as an ack "
-    "(kind 4.0): a bool or float where an int belongs is accepted"))
 @pytest.mark.parametrize("value", [[VERSION, True, 0, [_env()]], [VERSION, 4.0, 0, []],
                                    [VERSION, 2.0, 0, 1, bytes(24), b"\x01", [[1, bytes(32)]]]],
                          ids=["forward-kind-true", "ack-kind-float", "group-kind-float"])
@@ -1220,18 +1193,11 @@ def test_topics_parse_accepts():
             assert topics.parse(f(d)) == (leaf, None, d)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: shared/topics.py _id() tests digits with str.isdigit(), which is true for "
-    "non-ASCII digits: 'm\\u00b2/up' (superscript two) makes int() raise ValueError "
-    "instead of DecodeError"))
 @pytest.mark.parametrize("topic", ["m\u00b2/up", "d\u00b9/req", "d1/m\u2463/up"])
 def test_topics_parse_non_ascii_digits_raise_decode_error(topic):
     expect(DecodeError, topics.parse, topic)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: shared/topics.py _id() accepts non-ASCII decimal digits: 'm\\u0661/up' "
-    "(ARABIC-INDIC DIGIT ONE) parses as meter 1, a second name for m1"))
 def test_topics_parse_non_ascii_digits_not_a_meter_name():
     expect(DecodeError, topics.parse, "m\u0661/up")
 
@@ -1413,9 +1379,6 @@ def test_fuzz_topics_parse_ascii(topic):
         assert rebuilt == topic  # one name per id: the parse is exact
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: shared/topics.py _id() raises ValueError for a name with non-ASCII digits "
-    "such as 'm\\u00b2/up' (see test_topics_parse_non_ascii_digits_raise_decode_error)"))
 @PROPS
 @example(topic="m\u00b2/up")
 @given(topic=st.text(max_size=24))
@@ -1463,8 +1426,24 @@ def test_fuzz_meter_handle_never_raises(backend, data):
 SIZES: dict = {}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def size_report(request):
+    """After the module: every measured size on the terminal, even when
+    output is captured."""
+    yield
+    if SIZES:
+        lines = ["", "wire sizes measured by tests/test_protocol.py:"]
+        lines += [f"  {name}: {n} bytes (limit {limit})" for name, (n, limit) in SIZES.items()]
+        capman = request.config.pluginmanager.getplugin("capturemanager")
+        if capman is None:
+            print("\n".join(lines))
+        else:
+            with capman.global_and_fixture_disabled():
+                print("\n".join(lines))
+
+
 def _report(name, n, limit):
-    SIZES[name] = n
+    SIZES[name] = (n, limit)
     print(f"\n[size] {name}: {n} bytes (limit {limit})")
 
 
@@ -1507,17 +1486,16 @@ def test_size_on_demand_request(backend):
     assert len(wire) <= 72
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUDGET: headend/requests.py ReadSpec allows a delay tolerance up to 86400 s, which "
-    "CBOR encodes in 5 bytes, making a worst-case on-demand request 74 bytes, over the "
-    "72-byte budget (72 holds for tolerance <= 65535 s)"))
 def test_size_on_demand_request_max_tolerance(backend):
     top = MAX_U32
-    spec = ReadSpec("current", tolerance=86400)
+    spec = ReadSpec("current", tolerance=MAX_TOLERANCE)
     wire = Link(backend, meter=top, down=top - 1).headend.seal(
         T_READ_CURRENT, spec.body(top, top - 15), nonce())[1]
-    _report(f"on-demand request, worst, tolerance 86400 ({backend.name})", len(wire), 72)
+    _report(f"on-demand request, worst, tolerance {MAX_TOLERANCE} ({backend.name})",
+            len(wire), 72)
     assert len(wire) <= 72
+    with pytest.raises(ValueError):
+        ReadSpec("current", tolerance=MAX_TOLERANCE + 1)
 
 
 def test_size_interval_response_6h(backend, meter_dir):
@@ -1587,10 +1565,6 @@ def test_will_older_than_window_accepted_once(backend):
     assert snapshot(he) == before
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: shared/channel.py Channel.accept: a will accepted by the pending_will match is "
-    "not recorded in the replay window, so when its counter is still inside the window "
-    "(the usual case) a second copy (QoS 1 redelivery, or a replay) is accepted again"))
 def test_will_inside_window_accepted_once(backend):
     link = Link(backend)
     he = link.headend
@@ -1616,10 +1590,6 @@ def test_will_of_an_earlier_session_older_than_window_rejected(backend):
     assert he.open(new_will) == (T_DEATH, new_ctr, [2, DEATH_WILL])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: shared/channel.py Channel.accept: a will from an earlier session whose counter "
-    "is still inside the replay window and was never delivered goes through the window and "
-    "is accepted, marking a meter that just started a new session offline"))
 def test_will_of_an_earlier_session_inside_window_rejected(backend):
     link = Link(backend)
     he = link.headend
@@ -1772,74 +1742,62 @@ def test_meter_rejects_leave_its_state_unchanged(backend, meter_dir):
         "rejected:version": 1}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: firmware/meter.py Meter.__init__ rebuilds the window as ReplayWindow(top=down_top, "
-    "bits=1): only `top` itself is marked seen, so after a reboot a request that was "
-    "accepted before it, with a counter inside the window below top, is accepted and "
-    "answered again (firmware/state.py documents down_top as 'requests at or below it are "
-    "refused after a reboot'); bits should be all ones"))
 def test_meter_reboot_refuses_replayed_requests(backend):
-    with state_size_fixed():
-        _reboot_replay(backend)
-
-
-def _reboot_replay(backend):
+    """After a reboot, every request at or below the saved top is refused,
+    seen before or not; newer ones are answered."""
     flash = CutFlash()
     key = pairwise(backend)
     m = Meter(METER, key, backend, flash, SimulatedLoad(1))
     he = Channel(backend, key, METER, DOWN, Seq(1))
-    r1 = he.seal(T_READ_CURRENT, [1, NOW + 10, 0], nonce())[1]
-    r2 = he.seal(T_READ_CURRENT, [2, NOW + 10, 0], nonce())[1]
+    r0, r1, r2 = (he.seal(T_READ_CURRENT, [i, NOW + 10, 0], nonce())[1] for i in range(3))
     assert len(m.handle(r1, NOW, os.urandom)) == 1 and len(m.handle(r2, NOW, os.urandom)) == 1
-    for name in list(flash.files):  # keep the state, drop the profile (see the next test)
-        if name.startswith("p"):
-            flash.remove(name)
     rebooted = Meter(METER, key, backend, flash, SimulatedLoad(1))
-    assert rebooted.handle(r2, NOW, os.urandom) == []
-    assert rebooted.handle(r1, NOW, os.urandom) == []
+    for old in (r2, r1, r0):
+        assert rebooted.handle(old, NOW, os.urandom) == []
+    assert rebooted.stats["rejected"] == 3
+    r3 = he.seal(T_READ_CURRENT, [3, NOW + 10, 0], nonce())[1]
+    (wire,) = rebooted.handle(r3, NOW, os.urandom)
+    assert he.open(wire)[2][0] == 3
 
 
-@pytest.mark.xfail(strict=True, raises=struct.error, reason=(
-    "BUG: firmware/profile.py Profile.load unpacks a 14-byte record with "
-    "struct.unpack('>IIIB', rec): CPython raises struct.error (13 bytes expected), so a "
-    "meter with a load profile cannot boot on CPython (host simulation); MicroPython's "
-    "struct tolerates the extra byte. Fix: struct.unpack('>IIIB', rec[:13])"))
 def test_meter_reboot_keeps_its_profile(backend, tmp_path):
     key = pairwise(backend)
     m = Meter(METER, key, backend, Flash(str(tmp_path)), SimulatedLoad(1))
-    m.catch_up(NOW, history_from=NOW - 6 * 3600)
-    rows = m.profile.last - m.profile.first
+    m.catch_up(NOW, history_from=NOW - 30 * 3600)  # more than one 96-row segment file
     rebooted = Meter(METER, key, backend, Flash(str(tmp_path)), SimulatedLoad(1))
-    assert rebooted.profile.last - rebooted.profile.first == rows
-    assert rebooted.profile.registers() == m.profile.registers()
+    assert (rebooted.profile.first, rebooted.profile.last) == (m.profile.first, m.profile.last)
+    for k in range(m.profile.first, m.profile.last + 1):
+        assert rebooted.profile.row(k) == m.profile.row(k)
+    he = Channel(backend, key, METER, DOWN, Seq(1))
+    req = he.seal(T_READ_INTERVAL, [1, NOW + 10, 0, NOW - 6 * 3600, NOW], nonce())[1]
+    (wire,) = rebooted.handle(req, NOW, os.urandom)
+    src = SimulatedLoad(1)
+    assert he.open(wire)[2][7] == [src.interval(k)[0] for k in range(NOW // 900 - 24, NOW // 900)]
 
 
-def _counter_across_reboots(backend, root):
+def test_meter_counter_survives_reboot(backend, tmp_path):
     """Uplink counters after a reboot are all above those before it: the
     head-end accepts every birth and goodbye of three boots."""
     key = pairwise(backend)
     he = Channel(backend, key, METER, DOWN, Seq(1))
     seen = []
     for boot in range(3):
-        m = Meter(METER, key, backend, Flash(str(root)), SimulatedLoad(1))
+        m = Meter(METER, key, backend, Flash(str(tmp_path)), SimulatedLoad(1))
         _, birth = m.connect(NOW, os.urandom)
         mtype, ctr, body = he.open(birth)
         assert body[0] == boot + 1  # the session number survives too
         seen.append(ctr)
         for _ in range(5 + 20 * boot):
             seen.append(he.open(m.goodbye(os.urandom))[1])
-        assert not [n for n in os.listdir(root) if n.startswith("p")]  # no profile written
     assert seen == sorted(set(seen))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: firmware/state.py _SIZE (see test_state_survives_reboot): the meter forgets its "
-    "counter and session at every reboot, so the new session's birth reuses counter 0 and "
-    "the head-end refuses it as a duplicate"))
-def test_meter_counter_survives_reboot(backend, tmp_path):
-    _counter_across_reboots(backend, tmp_path / "f")
-
-
-def test_meter_counter_survives_reboot_with_state_fixed(backend, tmp_path):
-    with state_size_fixed():
-        _counter_across_reboots(backend, tmp_path / "f")
+def test_two_requesters_on_one_store(backend, tmp_path):
+    db = tmp_path / "store.db"
+    Store(db).add_meters([(METER, backend.public_key(METER_SK), None, None, 900)])
+    a = Requester(Store(db), HEADEND_SK, backend)
+    b = Requester(Store(db), HEADEND_SK, backend)
+    m = Meter(METER, pairwise(backend), backend, CutFlash(), SimulatedLoad(1))
+    for requester in (a, b, a):
+        (out,) = requester.unicast(METER, ReadSpec("current"), NOW).messages
+        assert len(m.handle(out.payload, NOW + 1, os.urandom)) == 1, m.stats
