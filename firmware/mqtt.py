@@ -3,7 +3,8 @@
 # layers, the way mqtt_as keeps protocol and retries apart:
 #
 #   Link       one MQTT session. Connects with the sealed last will (QoS 1),
-#              subscribes to the downlink, publishes the birth; QoS 1
+#              subscribes to the downlink, sends what the outbox still
+#              holds from before, then publishes the birth; QoS 1
 #              publishes whose wait for the PUBACK is bounded; check_msg
 #              polling; pings. Any failure raises, and the Link is dropped.
 #   Transport  the retry layer. Opens a Link while the network is up, with
@@ -134,7 +135,10 @@ class Link:
         self.guard = None
         self.birth_tried = False
 
-    def open(self, will, birth, on_message):
+    def open(self, will, birth, on_message, backlog=None):
+        """`backlog()` publishes what the outbox holds, before the birth:
+        those responses carry older counters than the new will and birth,
+        and the head-end's replay window must see them first."""
         c = self.client
         c.set_callback(on_message)
         c.set_last_will(self.up, will, False, 1)
@@ -145,6 +149,8 @@ class Link:
         c.sock = self.guard
         self._bounded(c.subscribe, self.down, 1)
         self.birth_tried = True
+        if backlog is not None:
+            backlog(self)
         self.publish(birth)
 
     def _bounded(self, fn, *args):
@@ -238,7 +244,7 @@ class Transport:
         link = None
         try:
             link = self.make_link()
-            link.open(will, birth, self._on_message)
+            link.open(will, birth, self._on_message, self._backlog)
         except Exception as e:
             if link is not None:
                 if link.birth_tried:
@@ -255,6 +261,17 @@ class Transport:
         self.ping_ms = ms + PING_MS
         self.stats["connects"] += 1
         self.log("meter: MQTT connected, birth published on", link.up)
+
+    def _backlog(self, link):
+        """Publish every outbox entry on a link being opened (raises on
+        failure, which fails the open)."""
+        while True:
+            head = self.outbox.peek()
+            if head is None:
+                return
+            link.publish(head[1])
+            self.outbox.ack(head[0])
+            self.stats["published"] += 1
 
     def flush(self, ms, limit=4):
         """Publish up to `limit` outbox entries, oldest first."""

@@ -360,10 +360,28 @@ def parser() -> argparse.ArgumentParser:
     pe.add_argument("--to", required=True)
     pe.add_argument("--out", help="file to write (default: stdout)")
     pe.set_defaults(func=cmd_export)
+    pf = sub.add_parser("firmware", add_help=False,
+                        help="build the meter firmware bundle (.mpy) into out/firmware")
+    pf.add_argument("rest", nargs=argparse.REMAINDER)
+    pf.set_defaults(func=lambda a: _flashing().main_build(a.rest))
+    pfl = sub.add_parser("flash", add_help=False,
+                         help="flash a provisioned meter onto an ESP32 (mpremote)")
+    pfl.add_argument("rest", nargs=argparse.REMAINDER)
+    pfl.set_defaults(func=lambda a: _flashing().main_flash(a.rest))
     return p
 
 
+def _flashing():
+    from headend import flashing
+
+    return flashing
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("firmware", "flash"):  # they parse their own options
+        fl = _flashing()
+        return (fl.main_build if argv[0] == "firmware" else fl.main_flash)(argv[1:])
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)

@@ -3,9 +3,10 @@
 one thread drives all their sockets with a selector (paho's external-loop
 API), so thousands of meters need no thousands of threads.
 
-This is the host stand-in for firmware/app.py: same core, same birth/will
-handshake, reconnect with backoff, a bounded outbox that counts what it
-drops.
+This is the host stand-in for firmware/app.py: same core, same outbox
+(firmware/outbox.py, on the meter's flash, so it survives a reboot), same
+birth/will handshake (what the outbox holds goes before the birth),
+reconnect with backoff.
 """
 
 from __future__ import annotations
@@ -28,13 +29,11 @@ from firmware.config import parse as parse_config
 from firmware.flash import Flash
 from firmware.meter import Meter
 from firmware.metrology import SimulatedLoad
+from firmware.outbox import Outbox
 from shared import topics
 from shared.backend import DEFAULT, Backend
 
 log = logging.getLogger("sim.fleet")
-
-OUTBOX_MAX = 64
-
 
 class MemoryFlash:
     """Flash in RAM (same calls as firmware.flash.Flash), for large fleets."""
@@ -76,8 +75,10 @@ class SimMeter:
     connected: bool = False
     retry_at: float = 0.0
     backoff: float = 1.0
-    outbox: deque = field(default_factory=lambda: deque(maxlen=OUTBOX_MAX))
-    dropped: int = 0
+    outbox: Outbox | None = None
+    inflight: tuple[int, int] | None = None   # (outbox seq, MQTT mid) awaiting PUBACK
+    birth: bytes | None = None                # sent once the outbox is empty
+    hello: tuple[bytes, bytes] | None = None  # (will, birth) no broker has seen yet
     published: int = 0
     up_bytes: int = 0
     down_bytes: int = 0
@@ -85,6 +86,10 @@ class SimMeter:
     @property
     def id(self) -> int:
         return self.cfg["meter"]
+
+    @property
+    def dropped(self) -> int:
+        return self.outbox.dropped if self.outbox is not None else 0
 
     @property
     def uplink(self) -> str:
@@ -133,6 +138,8 @@ class Fleet:
     def _boot(self, m: SimMeter, history_days: float = 0.0) -> None:
         key = self.backend.beforenm(m.cfg["headend_public_key"], m.cfg["secret_key"])
         m.core = Meter(m.id, key, self.backend, m.flash, m.source, m.cfg["period"])
+        m.outbox = Outbox(m.flash)
+        m.inflight = m.birth = m.hello = None
         now = int(self.clock())
         m.core.catch_up(now, history_from=now - int(history_days * 86400))
 
@@ -215,7 +222,9 @@ class Fleet:
             c.username_pw_set(cfg["username"], cfg["password"])
         if cfg["tls"]:
             c.tls_set(ca_certs=cfg["ca"])
-        will, birth = m.core.connect(int(self.clock()), os.urandom)
+        if m.hello is None:  # a pair no broker saw is kept for the next attempt
+            m.hello = m.core.connect(int(self.clock()), os.urandom)
+        will, birth = m.hello
         c.will_set(m.uplink, will, qos=1)
         c.user_data_set(m)
         c.on_socket_open = self._sock_open
@@ -227,13 +236,17 @@ class Fleet:
         c.on_message = self._on_message
         c.on_publish = self._on_publish
         m.client = c
-        m.outbox.appendleft((m.uplink, birth))
         try:
             c.connect(self.host or cfg["host"], self.port or cfg["port"], self.keepalive)
         except OSError as e:
             log.debug("meter %d: connect failed (%s); retrying in %.0f s", m.id, e, m.backoff)
             self._drop_client(m)
             self._backoff(m)
+            return
+        # The broker now holds the will: the next connection is a new session.
+        # What the outbox holds goes first (older counters), then the birth.
+        m.hello = None
+        m.birth = birth
 
     def _backoff(self, m: SimMeter) -> None:
         m.retry_at = time.monotonic() + m.backoff * (0.5 + random.random())
@@ -241,6 +254,7 @@ class Fleet:
 
     def _drop_client(self, m: SimMeter) -> None:
         c, m.client, m.connected = m.client, None, False
+        m.inflight = None  # re-sent from the outbox on the next connection
         if c is not None:
             sock = c.socket()
             if sock is not None:
@@ -290,6 +304,10 @@ class Fleet:
 
     def _on_publish(self, c, m: SimMeter, mid, reason, props) -> None:
         m.published += 1
+        if m.inflight is not None and m.inflight[1] == mid:
+            m.outbox.ack(m.inflight[0])
+            m.inflight = None
+            self._flush(m)
 
     def _on_message(self, c, m: SimMeter, msg) -> None:
         m.down_bytes += len(msg.payload)
@@ -299,17 +317,23 @@ class Fleet:
             self._publish(m, wire)
 
     def _publish(self, m: SimMeter, wire: bytes) -> None:
-        if len(m.outbox) == m.outbox.maxlen:
-            m.dropped += 1  # the oldest falls out; the head-end re-reads gaps
-        m.outbox.append((m.uplink, wire))
-        if m.connected:
-            self._flush(m)
+        m.outbox.push(wire)  # bounded: when full the oldest goes, counted
+        self._flush(m)
 
     def _flush(self, m: SimMeter) -> None:
-        while m.outbox and m.connected and m.client is not None:
-            topic, payload = m.outbox.popleft()
-            m.up_bytes += len(payload)
-            m.client.publish(topic, payload, qos=1)
+        """One response in flight at a time, oldest first, as on the board;
+        the birth once the outbox is empty."""
+        if not m.connected or m.client is None or m.inflight is not None:
+            return
+        head = m.outbox.peek()
+        if head is not None:
+            m.up_bytes += len(head[1])
+            info = m.client.publish(m.uplink, head[1], qos=1)
+            m.inflight = (head[0], info.mid)
+        elif m.birth is not None:
+            birth, m.birth = m.birth, None
+            m.up_bytes += len(birth)
+            m.client.publish(m.uplink, birth, qos=1)
 
     # -- faults --------------------------------------------------------------
 
@@ -320,7 +344,6 @@ class Fleet:
         def go() -> None:
             m = self.meters[meter]
             self._drop_client(m)
-            m.outbox.clear()
             self._boot(m)
             m.retry_at = time.monotonic()
         self.call(go)

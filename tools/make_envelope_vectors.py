@@ -193,8 +193,9 @@ def cases() -> list[dict]:
             1001, DOWN, T_READ_CURRENT, 1000, [7, T0 + 3610, 0]),
         sealed_case(
             "request-worst", "request",
-            "worst-case on-demand read: ids, counter, deadline near 2**32, tolerance 86400",
-            top, DOWN, T_READ_CURRENT, top - 1, [top, top - 15, 86400]),
+            "worst-case on-demand read: ids, counter, deadline near 2**32, "
+            "tolerance 65535 (the most a request may carry)",
+            top, DOWN, T_READ_CURRENT, top - 1, [top, top - 15, 65535]),
         sealed_case(
             "interval-request", "interval-request",
             "read of the interval rows in [from, to): 6 hours, tolerance 600",
