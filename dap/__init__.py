@@ -3,8 +3,9 @@ head-end that handles only sealed envelopes. It holds no meter keys.
 
 Modules: config (TOML settings), aggregator (when a bundle goes out),
 hints (delay tolerance per meter), queue (SQLite disk queue), inbound
-(checks on what arrives), stats (counters, status), service (the MQTT
-shell), check (`--check`).
+(checks on what arrives), stats (counters, status), links (the MQTT
+connections), service (the loop that ties them together), check
+(`--check`).
 """
 
 __all__ = ["__version__"]

@@ -4,7 +4,8 @@ Forward and group messages carry the request's delay tolerance T in clear.
 When the DAP delivers a request to meter M at time t, M's answer should
 leave by t + T. The DAP keeps that hint for T + `keep` seconds (the meter
 may answer late, or in several parts), and a response from M is given the
-earliest flush-by time among M's live hints. Taking the earliest is never
+earliest flush-by time among M's live hints. A new request replaces hints
+whose deadline has already passed. Taking the earliest is never
 late; at worst a response leaves earlier than it had to. A response with
 no live hint gets the normal buffer window.
 
@@ -32,7 +33,11 @@ class DelayHints:
         """A request with delay tolerance `tolerance` (s) was delivered to
         `meter` at `now`."""
         entry = (now + tolerance, now + tolerance + self.keep)
-        live = [h for h in self._hints.pop(meter, ()) if h[1] > now]
+        # A hint whose deadline has passed has served its purpose: a
+        # response to that older request is already late and goes out with
+        # this one's deadline, and it must not hold a newer request's
+        # response to the old, already passed, deadline.
+        live = [h for h in self._hints.pop(meter, ()) if h[0] > now]
         live.append(entry)
         if len(live) > 8:  # a meter flooded with requests: keep the earliest deadlines
             live = sorted(live)[:8]

@@ -2,9 +2,9 @@
 acknowledged to the broker until the head-end acknowledges the bundle that
 carried it. SQLite in WAL mode, in state_dir.
 
-One writer (the service's loop) makes changes inside an implicit
-transaction and calls commit(); the service acknowledges nothing to the
-broker and publishes no bundle before that commit. So after any crash,
+One writer (the service's loop) makes changes (staged in memory, written
+in one transaction) and calls commit(); the service acknowledges nothing
+to the broker and publishes no new bundle before that commit. So after any crash,
 kill -9 included:
 
 - an envelope acknowledged to the broker is in the queue;

@@ -151,13 +151,12 @@ class Dap:
             batch.append(item)
         return batch
 
-    def _step(self, batch: list[Item], acks_only: bool = False) -> None:
+    def _step(self, batch: list[Item]) -> None:
+        """One round: handle a batch, close due bundles, commit, then
+        acknowledge the batch and publish; re-sends; status."""
         assert self.queue is not None
         now, wall = time.monotonic(), time.time()
-        to_ack: list[Item] = []
-        for item in batch:
-            if self._handle(item, now, wall, acks_only):
-                to_ack.append(item)
+        to_ack = [item for item in batch if self._handle(item, now, wall, acks_only=False)]
         bundles = []
         while self.agg.due(now):
             bundles.append(self._bundle(self.agg.take(), now, wall))

@@ -33,8 +33,18 @@ def _native():
     import io
 
     import cbor2
-    from nacl import bindings as nb
-    from nacl.exceptions import CryptoError
+
+    # PyNaCl is imported on first use, so a role that never seals or opens
+    # (the DAP) never loads it.
+    nacl = []
+
+    def lib():
+        if not nacl:
+            from nacl import bindings
+            from nacl.exceptions import CryptoError
+
+            nacl.extend((bindings, CryptoError))
+        return nacl
 
     decoder = cbor2.CBORDecoder
     bytes_io = io.BytesIO
@@ -54,26 +64,30 @@ def _native():
     def beforenm(public, secret):
         if len(public) != 32 or len(secret) != 32:
             raise BadKeyError("keys are 32 bytes")
+        nb, crypto_error = lib()
         try:
             return nb.crypto_box_beforenm(bytes(public), bytes(secret))
-        except CryptoError:
+        except crypto_error:
             raise BadKeyError("public key of small order refused") from None
 
     def seal(key, nonce, plaintext):
-        return nb.crypto_box_easy_afternm(bytes(plaintext), nonce, key)
-
-    open_easy = nb.crypto_box_open_easy_afternm
+        if len(nonce) != 24:
+            raise DecodeError("nonce must be 24 bytes")
+        return lib()[0].crypto_box_easy_afternm(bytes(plaintext), nonce, key)
 
     def open_(key, nonce, box):
         if len(box) < 16:
             raise DecodeError("box shorter than its 16-byte tag")
+        if len(nonce) != 24:
+            raise DecodeError("nonce must be 24 bytes")
+        nb, crypto_error = nacl or lib()
         try:
-            return open_easy(bytes(box), bytes(nonce), key)
-        except CryptoError:
+            return nb.crypto_box_open_easy_afternm(bytes(box), bytes(nonce), key)
+        except crypto_error:
             raise AuthError("box did not authenticate") from None
 
     def public_key(secret):
-        return nb.crypto_scalarmult_base(bytes(secret))
+        return lib()[0].crypto_scalarmult_base(bytes(secret))
 
     return Backend("native", cbor2.dumps, loads, beforenm, seal, open_, public_key)
 

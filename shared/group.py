@@ -9,14 +9,20 @@
 # every member's key is different.
 from shared import envelope, messages
 from shared.channel import digest
-from shared.const import DOWN, ENV_GROUP_ITEM, NONCE_BYTES, VERSION
+from shared.const import DOWN, ENV_GROUP_ITEM, ENV_HEADER, MAX_ENVELOPE, NONCE_BYTES, VERSION
 from shared.errors import DecodeError
+
+
+ITEM_HEADER = ENV_HEADER + 32  # header and the member's box, before the body
 
 
 def build(backend, group, mtype, ctr, req_body, members, nonce):
     """Head-end side. `members`: list of (meter id, pairwise key).
     Returns (body bytes, [[meter id, box], ...])."""
     body = messages.encode(backend, group, DOWN, mtype, ctr, req_body)
+    if len(body) > MAX_ENVELOPE - ITEM_HEADER:
+        raise ValueError("group body of %d bytes: a member's item would exceed %d"
+                         % (len(body), MAX_ENVELOPE))
     tag = digest(body)
     return body, [[meter, backend.seal(key, nonce, tag)] for meter, key in members]
 

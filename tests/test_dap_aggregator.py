@@ -215,3 +215,17 @@ def test_many_requests_to_one_meter_stay_bounded():
         h.note(1, now=float(i), tolerance=1000 - i)
     assert h.flush_by(1, 100.0) <= 1000.0
     assert len(h._hints[1]) <= 8
+
+
+def test_new_request_replaces_a_hint_whose_deadline_passed():
+    # A read with no tolerance, answered; then one with 6 s of tolerance:
+    # the new response may wait 6 s, it is not pulled back to the old
+    # (already passed) deadline.
+    h = DelayHints(keep=120)
+    h.note(7, now=0.0, tolerance=0)
+    assert h.flush_by(7, now=0.05) == 0.0
+    h.note(7, now=10.0, tolerance=6)
+    assert h.flush_by(7, now=10.5) == 16.0
+    # Two requests in flight at once: the earlier deadline still wins.
+    h.note(7, now=11.0, tolerance=30)
+    assert h.flush_by(7, now=11.5) == 16.0

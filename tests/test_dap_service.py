@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ast
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,7 +37,8 @@ from dap import inbound
 from dap.config import Config
 from dap.errors import BadTopic, ConfigError, WrongKind
 
-DAP_DIR = Path(__file__).resolve().parent.parent / "dap"
+ROOT = Path(__file__).resolve().parent.parent
+DAP_DIR = ROOT / "dap"
 
 
 # -- fixtures -------------------------------------------------------------------
@@ -545,3 +548,21 @@ def test_main_in_process_check(world, tmp_path, capsys):
     cfg = write_config(tmp_path / "c.toml", world.broker.port, tmp_path / "st")
     assert main(["--config", str(cfg), "--check"]) == 0
     assert "meters_broker: connected" in capsys.readouterr().out
+
+
+def test_dap_process_never_loads_nacl():
+    """Importing every DAP module, and parsing gateway traffic the way the
+    DAP does, leaves PyNaCl unloaded: the DAP has no crypto in memory."""
+    code = (
+        "import sys, importlib, pkgutil, dap\n"
+        "for m in pkgutil.iter_modules(dap.__path__):\n"
+        "    importlib.import_module('dap.' + m.name)\n"
+        "from dap import inbound\n"
+        "from shared import gateway\n"
+        "msg = gateway.forward(inbound.CBOR, 5, [bytes([0x11]) + bytes(60)])\n"
+        "assert gateway.decode(inbound.CBOR, msg)[0] == 1\n"
+        "assert 'nacl' not in sys.modules, sorted(m for m in sys.modules if 'nacl' in m)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
