@@ -99,15 +99,17 @@ class Ingest:
 
     # -- parsing -------------------------------------------------------------
 
-    def _envelopes(self, topic: str, payload: bytes, batch: Batch) -> tuple[list[bytes], int | None]:
-        """The envelopes a message carries and the DAP they came through."""
+    def _envelopes(self, topic: str, payload: bytes, batch: Batch
+                   ) -> tuple[list[bytes], int | None, int | None]:
+        """The envelopes a message carries, the DAP they came through, and
+        the meter whose own topic it came on (flow A)."""
         leaf, meter, dap = topics.parse(topic)
         if leaf != "up" or (meter is not None and dap is not None):
             raise DecodeError(f"the head-end does not ingest topic {topic!r}")
         if meter is not None:  # flow A: one envelope straight from a meter
             if len(payload) > MAX_ENVELOPE:
                 raise TooLarge(f"{len(payload)} bytes on {topic}")
-            return [payload], None
+            return [payload], None, meter
         msg = gateway.decode(self.backend, payload)
         if msg[0] != K_BUNDLE:
             raise DecodeError(f"expected a bundle on {topic}")
@@ -115,12 +117,15 @@ class Ingest:
         if bundle_dap != dap:
             raise MismatchError(f"bundle from DAP {bundle_dap} on DAP {dap}'s topic")
         batch.acks.setdefault(dap, []).append(seq)
-        return items, dap
+        return items, dap, None
 
-    def _open(self, env: bytes, dap: int | None) -> tuple[Channel, int, int, list]:
+    def _open(self, env: bytes, dap: int | None, on_topic_of: int | None
+              ) -> tuple[Channel, int, int, list]:
         kind, hint = envelope.peek(env)
         if kind != ENV_SEALED:
             raise DecodeError("meters only send sealed envelopes")
+        if on_topic_of is not None and hint != on_topic_of:
+            raise MismatchError(f"meter {hint}'s envelope on meter {on_topic_of}'s topic")
         ch, row = self.channel(hint)
         if row.dap != dap:
             raise MismatchError(
@@ -148,14 +153,14 @@ class Ingest:
         reg_imp, reg_exp = obis.ENERGY_IMPORT, obis.ENERGY_EXPORT
         for topic, payload in messages_in:
             try:
-                envs, dap = self._envelopes(topic, payload, batch)
+                envs, dap, owner = self._envelopes(topic, payload, batch)
             except ProtocolError as e:
                 batch.rejected[e.reason] += 1
                 log.warning("rejected message on %s: %s (%s)", topic, e, e.reason)
                 continue
             for env in envs:
                 try:
-                    ch, mtype, ctr, body = self._open(env, dap)
+                    ch, mtype, ctr, body = self._open(env, dap, owner)
                 except ProtocolError as e:
                     batch.rejected[e.reason] += 1
                     if e.reason != "duplicate":
