@@ -154,7 +154,14 @@ def cmd_read(args: argparse.Namespace) -> int:
     rows = []
     for meter in h.meters:
         status = statuses.get(meter) or store.request_status(h.request, meter) or "pending"
-        readings = [r for r in store.readings(meter) if r[4] == h.request]
+        if spec.kind == "interval":
+            # the rows of the range, whichever read stored them first: a
+            # re-read of stored intervals stores nothing twice
+            readings = [r for r in store.readings(meter, None, spec.start, spec.end)
+                        if r[0] in (obis.INTERVAL_IMPORT, obis.INTERVAL_EXPORT)
+                        or r[1] == spec.start]
+        else:
+            readings = [r for r in store.readings(meter) if r[4] == h.request]
         rows.append({"meter": meter, "status": status, "request": h.request,
                      "latency_s": round(h.latency[meter], 3) if meter in h.latency else None,
                      "readings": [{"obis": obis.CODES[q][0], "unit": obis.CODES[q][1],
