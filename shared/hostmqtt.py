@@ -101,7 +101,12 @@ def connect(c: mqtt.Client, settings: BrokerSettings, timeout: float = 15.0) -> 
     c.on_connect = on_connect
     try:
         c.connect(settings.host, settings.port, settings.keepalive)
-    except (OSError, ssl.SSLError) as e:
+    except ssl.SSLError as e:
+        raise MqttSetupError(
+            f"the TLS handshake with the MQTT broker at {settings.host}:{settings.port} "
+            f"failed ({e}); check that tls_ca is the CA that signed the broker's certificate "
+            "and that the host name matches it (docs/brokers.md, TLS)") from e
+    except OSError as e:
         raise MqttSetupError(
             f"cannot reach the MQTT broker at {settings.host}:{settings.port} ({e}); "
             "is it running, and are host and port right?") from e
