@@ -198,6 +198,8 @@ def add_meters(site: Path, ids: list[int], *, dap: int | None = None,
                 doc["wifi"] = {"ssid": wifi[0], "password": wifi[1]}
             path = Path(site) / "meters" / topics.meter_name(meter) / "meter.json"
             _private(path, json.dumps(doc, indent=1) + "\n")
+            if cfg.broker.tls_ca is not None:  # the CA goes onto the board with meter.json
+                _public(path.parent / "ca.pem", Path(cfg.broker.tls_ca).read_text())
             paths.append(path)
         store.add_meters(rows)
     finally:

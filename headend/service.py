@@ -171,8 +171,8 @@ class HeadEnd:
                     self._stop.set()
                     break
                 items.append(nxt)
-            if self.delay_per_message:
-                time.sleep(self.delay_per_message * len(items))
+            if self.delay_per_message and not self._slow_down(len(items)):
+                break  # stopped: the batch is left unacknowledged, for redelivery
             try:
                 batch = self.ingest.process([(t, p) for _, _, t, p in items], self.clock())
             except Exception:
@@ -189,6 +189,18 @@ class HeadEnd:
             self._resolve(batch)
             if self.on_batch is not None:
                 self.on_batch(batch)
+
+    def _slow_down(self, n: int) -> bool:
+        """Fault injection (a slow head-end): wait n * delay_per_message, in
+        short steps, so that a change of delay_per_message takes effect at
+        once and stop() is not held up. False if stop() was called."""
+        start = time.monotonic()
+        while not self._stop.is_set():
+            left = start + self.delay_per_message * n - time.monotonic()
+            if left <= 0:
+                return True
+            self._stop.wait(min(left, 0.1))
+        return False
 
     def _resolve(self, batch: Batch) -> None:
         now = self.clock()

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 from shared import obis
@@ -111,6 +112,23 @@ class MeterRow:
 
 def _bits_out(bits: int) -> bytes:
     return bits.to_bytes(8, "big")
+
+
+# Ingest writes in multi-row statements of this many rows: one statement
+# (one bind-and-step round trip through the sqlite3 module, which releases
+# the GIL for the step) per chunk instead of one per row. The remainder of
+# a batch goes through executemany, so only these fixed statements are
+# prepared and cached. Readings have 7 parameters, well within SQLite's
+# limit of 32,766 per statement.
+CHUNK = 200
+_READINGS = ("INSERT OR IGNORE INTO readings "
+             "(meter, quantity, start, value, quality, received_at, request) VALUES ")
+_READINGS_CHUNK = _READINGS + ",".join(["(?, ?, ?, ?, ?, ?, ?)"] * CHUNK)
+_ANSWERED = ("UPDATE requests SET status = 'answered', answered_at = ? "
+             "WHERE request = ? AND meter = ?")
+_ANSWERED_CHUNK = ("UPDATE requests SET status = 'answered', answered_at = ? FROM (VALUES "
+                   + ",".join(["(?, ?)"] * CHUNK)
+                   + ") AS v WHERE requests.request = v.column1 AND requests.meter = v.column2")
 
 
 def _bits_in(blob: bytes) -> int:
@@ -217,15 +235,28 @@ class Store:
             [(top, _bits_out(bits), will, meter) for meter, top, bits, will in windows],
         )
 
+    def save_channels(self, db: sqlite3.Connection,
+                      channels: Iterable[tuple[int, int, int, int | None, float]]) -> None:
+        """(meter, top, bits, pending will, last seen) for every channel that
+        moved: save_windows and mark_seen in one statement per meter."""
+        db.executemany(
+            "UPDATE meters SET win_top = ?, win_bits = ?, pending_will = ?, last_seen = ? "
+            "WHERE meter = ?",
+            [(top, _bits_out(bits), will, seen, meter)
+             for meter, top, bits, will, seen in channels],
+        )
+
     def add_readings(self, db: sqlite3.Connection, rows: Sequence[tuple]) -> int:
         """Insert (meter, quantity, start, value, quality, received_at,
         request) rows; returns how many were new (the rest were already
         stored: duplicates)."""
         before = db.total_changes
-        db.executemany(
-            "INSERT OR IGNORE INTO readings "
-            "(meter, quantity, start, value, quality, received_at, request) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+        n = len(rows)
+        full = n - n % CHUNK
+        for i in range(0, full, CHUNK):
+            db.execute(_READINGS_CHUNK, list(chain.from_iterable(rows[i:i + CHUNK])))
+        if full < n:
+            db.executemany(_READINGS + "(?, ?, ?, ?, ?, ?, ?)", rows[full:])
         return db.total_changes - before
 
     def mark_seen(self, db: sqlite3.Connection, seen: Iterable[tuple[int, float]]) -> None:
@@ -274,9 +305,12 @@ class Store:
         `statuses`: (request, meter, status, detail). A late answer still
         counts: the data arrived."""
         if answered:
-            db.executemany(
-                "UPDATE requests SET status = 'answered', answered_at = ? "
-                "WHERE request = ? AND meter = ?", [(at, r, m) for r, m in answered])
+            n = len(answered)
+            full = n - n % CHUNK
+            for i in range(0, full, CHUNK):
+                db.execute(_ANSWERED_CHUNK, [at, *chain.from_iterable(answered[i:i + CHUNK])])
+            if full < n:
+                db.executemany(_ANSWERED, [(at, r, m) for r, m in answered[full:]])
         if parts:
             db.executemany(
                 "UPDATE requests SET parts = ?2, parts_mask = parts_mask | ?1, "

@@ -1024,12 +1024,6 @@ def test_replayed_will_and_birth_after_a_reconnect(world: World) -> None:
 
 
 @mosquitto_only
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: headend/ingest.py Ingest.process (the commit: the loop over batch.births, then "
-    "the loop over batch.deaths) applies every birth of a batch before every death, "
-    "whatever their order: an old session's will followed by the new birth in one batch "
-    "leaves the meter marked offline (session updated, online = 0), so the collector "
-    "(collect.py due(): skips offline meters) stops reading it until its next birth"))
 def test_will_then_birth_in_one_bundle_leaves_the_meter_online(world: World) -> None:
     """Both genuine, in the order they happened, in one bundle: a DAP can do
     this on purpose (hold the will until the birth comes); it also happens
@@ -1047,9 +1041,8 @@ def test_will_then_birth_in_one_bundle_leaves_the_meter_online(world: World) -> 
         online = w.store.online()[x]
         w.record("hold a meter's last will and send it with the new birth in one bundle",
                  "test_will_then_birth_in_one_bundle_leaves_the_meter_online", d,
-                 f"meter marked {'online' if online else 'OFFLINE'} in its new session: "
-                 "collection skips it until it reconnects (bug, xfail)",
-                 "(nothing: headend/ingest.py applies births before deaths)")
+                 f"meter marked {'online' if online else 'OFFLINE'} in its new session",
+                 "the head-end applies births and deaths in the order they came")
         assert online, "the meter is online in its new session, but the head-end says offline"
     finally:
         reconnect(w, x)  # leave it online for the tests after this one
