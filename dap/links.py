@@ -31,6 +31,15 @@ Item = tuple[mqtt.Client, int, int, str, bytes]
 Inbox = SimpleQueue[Item | None]
 
 SUBSCRIBE_WAIT = 10.0  # seconds to wait for SUBACKs at start
+# QoS 1 messages the meters' connection may have unacknowledged at once:
+# 0 = no limit. With a limit, paho walks its whole table of outgoing
+# messages from the start on every PUBACK to find the next one to send, so
+# a fan-out of N items costs O(N x window): a 10,000-member group read with
+# a window of 1,000 spent a third of the DAP's CPU there (make bench,
+# group_read_10k). With no limit every publish goes straight to the socket
+# and a PUBACK only removes its message. Delivery is unchanged: QoS 1, and
+# what is unacknowledged at a disconnect is sent again on reconnect.
+METERS_INFLIGHT = 0
 
 
 class Links:
@@ -46,11 +55,11 @@ class Links:
         name = cfg.name
         if cfg.headend_broker is None:
             self.meters = client(cfg.meters_broker, name, clean_session=False,
-                                 manual_ack=True, will=will, inflight=1000)
+                                 manual_ack=True, will=will, inflight=METERS_INFLIGHT)
             self.up = self.meters
         else:
             self.meters = client(cfg.meters_broker, name, clean_session=False,
-                                 manual_ack=True, inflight=1000)
+                                 manual_ack=True, inflight=METERS_INFLIGHT)
             self.up = client(cfg.headend_broker, name + "-up", clean_session=False,
                              manual_ack=True, will=will)
         self._subscribed: dict[int, threading.Event] = {}

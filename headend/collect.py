@@ -34,10 +34,13 @@ class CollectPolicy:
     backoff_max: float = 6 * 3600.0
     daily_budget: int = 48       # collection reads per meter per day
     max_span: int = 2 * DAY      # longest range in one request
+    tolerance: int = 60          # delay tolerance of collection reads: DAPs may aggregate
 
     def __post_init__(self) -> None:
         if self.every <= 0 or self.backoff <= 0 or self.daily_budget < 1 or self.max_span < 900:
             raise ValueError("collection policy: every/backoff > 0, budget >= 1, max_span >= 900")
+        if not 0 <= self.tolerance <= 3600:
+            raise ValueError("collection policy: tolerance is 0 to 3600 s")
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,10 @@ class Collector:
         self.store = store
         self.policy = policy or CollectPolicy()
         self._catch_up: set[int] = set()
+        # Collection reads not yet finished, per meter: while one is in
+        # flight the meter is not looked at again (its answer may be what
+        # fills the gap).
+        self.inflight: dict[int, int] = {}
 
     def _last_closed(self, now: float, period: int) -> int:
         return int(now - self.policy.settle) // period * period
@@ -94,6 +101,11 @@ class Collector:
     def on_result(self, meter: int, ok: bool, now: float, no_data_oldest: int | None = None) -> None:
         """The outcome of a collection read: reset or lengthen the backoff.
         `no_data_oldest`: the meter no longer holds anything before this."""
+        n = self.inflight.get(meter, 0) - 1
+        if n > 0:
+            self.inflight[meter] = n
+        else:
+            self.inflight.pop(meter, None)
         row = self.store.collection(meter)
         if row is None:
             return
@@ -110,20 +122,32 @@ class Collector:
 
     def due(self, now: float, limit: int = 1000) -> list[Planned]:
         """The reads to issue now (at most `limit`), and the bookkeeping that
-        they were issued."""
+        they were issued. Every registered meter is expected to report: one
+        never heard from is read too (its birth may have come before the
+        head-end first subscribed), with backoff while it does not answer.
+        A meter known to be offline (its last word was a death) is skipped
+        until its next birth, except for one probe per backoff_max."""
         p = self.policy
         today = int(now) // DAY
         online = self.store.online()
-        periods = {m.meter: m.period for m in self.store.meters()}
+        cols = self.store.collections()
         out: list[Planned] = []
-        for meter, (since, next_at, failures, day, reads) in self.store.collections().items():
+        for m in self.store.meters():
+            meter, period = m.meter, m.period
             if len(out) >= limit:
                 break
-            if next_at > now or not online.get(meter):
+            if self.inflight.get(meter):
                 continue
+            col = cols.get(meter)
+            if col is None:
+                col = (max(0, int(now) - p.backfill) // period * period, now, 0, today, 0)
+            since, next_at, failures, day, reads = col
+            if next_at > now:
+                continue
+            if not online.get(meter) and m.session is not None and now - next_at < p.backoff_max:
+                continue  # said goodbye: wait for its birth (or the next probe)
             if day != today:
                 day, reads = today, 0
-            period = periods.get(meter, 900)
             until = self._last_closed(now, period)
             gaps = missing_ranges(self.store.interval_starts(meter, since, until),
                                   since, until, period, p.max_span)
@@ -135,10 +159,17 @@ class Collector:
                     log.warning("meter %d: daily read budget (%d) spent; %d range(s) left "
                                 "for tomorrow", meter, p.daily_budget, len(gaps) - issued)
                     break
-                reason = "catch-up" if catch_up else ("collect" if end == until else "gap")
+                if catch_up:
+                    reason = "catch-up"
+                elif end == until:
+                    reason = "collect"  # the newest rows (after an outage, all since it)
+                else:
+                    reason = "gap"      # a hole with stored rows after it
                 out.append(Planned(meter, start, end, reason))
                 reads += 1
                 issued += 1
+            if issued:
+                self.inflight[meter] = self.inflight.get(meter, 0) + issued
             self.store.set_collection(meter, since, now + p.every, failures, day, reads)
         return out
 

@@ -78,7 +78,7 @@ def _ranges(seqs: list[int]) -> list[tuple[int, int]]:
 class HeadEnd:
     def __init__(self, db: Path, secret_key: bytes, broker: BrokerSettings, *,
                  client_id: str = topics.HEADEND, backend: Backend = DEFAULT,
-                 retries: int = 2, batch_max: int = 2000,
+                 retries: int = 2, batch_max: int = 2000, batch_bytes: int = 4 << 20,
                  subscription: str | None = None,
                  on_batch: Callable[[Batch], None] | None = None,
                  delay_per_message: float = 0.0, ingest: bool = True,
@@ -92,6 +92,7 @@ class HeadEnd:
         self.backend = backend
         self.retries = retries
         self.batch_max = batch_max
+        self.batch_bytes = batch_bytes
         self.on_batch = on_batch
         self.delay_per_message = delay_per_message  # fault tests: a slow head-end
         self.clock = clock
@@ -110,8 +111,7 @@ class HeadEnd:
         self._threads: list[threading.Thread] = []
         self.subscriptions = (subscription,) if subscription else topics.HEADEND_SUBSCRIPTIONS
         self.ingesting = ingest
-        self.mqtt = client(broker, client_id, clean_session=not ingest, manual_ack=ingest,
-                           inflight=1000)
+        self.mqtt = client(broker, client_id, clean_session=not ingest, manual_ack=ingest)
         self.mqtt.on_message = self._on_message
         self.mqtt.on_connect = self._on_connect
         self.received = 0
@@ -162,7 +162,10 @@ class HeadEnd:
             if item is None:
                 break
             items = [item]
-            while len(items) < self.batch_max:
+            size = len(item[3])
+            # one transaction per batch: bounded in messages and in bytes (a
+            # backlog of bundles would otherwise become one huge transaction)
+            while len(items) < self.batch_max and size < self.batch_bytes:
                 try:
                     nxt = self._inbox.get_nowait()
                 except queue.Empty:
@@ -171,14 +174,24 @@ class HeadEnd:
                     self._stop.set()
                     break
                 items.append(nxt)
+                size += len(nxt[3])
             if self.delay_per_message and not self._slow_down(len(items)):
                 break  # stopped: the batch is left unacknowledged, for redelivery
-            try:
-                batch = self.ingest.process([(t, p) for _, _, t, p in items], self.clock())
-            except Exception:
-                log.exception("ingest batch of %d failed; it will be redelivered", len(items))
-                time.sleep(1)
-                continue
+            batch = None
+            wait = 0.5
+            while batch is None and not self._stop.is_set():
+                try:
+                    batch = self.ingest.process([(t, p) for _, _, t, p in items], self.clock())
+                except Exception:
+                    # nothing of it is stored or acknowledged: try the same batch
+                    # again rather than leave it to a redelivery that only comes
+                    # with a reconnect
+                    log.exception("storing a batch of %d message(s) failed; retrying in %.0f s "
+                                  "(is the disk full or the store locked?)", len(items), wait)
+                    self._stop.wait(wait)
+                    wait = min(wait * 2, 30.0)
+            if batch is None:
+                break  # stopped while the store was failing: redelivered after restart
             for mid, qos, _, _ in items:
                 if qos:
                     self.mqtt.ack(mid, qos)
@@ -293,7 +306,8 @@ class HeadEnd:
                               detail if status == "no-data" else None)
         for plan in col.due(now):
             self.collect_reads[plan.reason] = self.collect_reads.get(plan.reason, 0) + 1
-            self.read(plan.meter, ReadSpec("interval", plan.start, plan.end),
+            self.read(plan.meter, ReadSpec("interval", plan.start, plan.end,
+                                           col.policy.tolerance),
                       on_done=self._collected)
 
     def _collected(self, h: ReadHandle) -> None:

@@ -9,6 +9,7 @@ primary key is what makes a redelivered reading a no-op.
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -136,11 +137,12 @@ def _bits_in(blob: bytes) -> int:
 
 
 class Store:
-    """One connection to the store. Not shared between threads: each
-    thread that needs the store opens its own."""
+    """One connection to the store. Threads may share it: transactions are
+    serialised by a lock; the busy ingest path has a connection of its own."""
 
     def __init__(self, path: Path | str, *, synchronous: str = "FULL") -> None:
         self.path = Path(path)
+        self._tx_lock = threading.RLock()
         self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None,
                                   check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -157,14 +159,16 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception."""
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+        """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception. One
+        transaction at a time per connection, whichever thread asks."""
+        with self._tx_lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
 
     # -- registry ------------------------------------------------------------
 
@@ -195,10 +199,10 @@ class Store:
 
     def meters(self) -> list[MeterRow]:
         return [
-            MeterRow(r[0], bytes(r[1]), r[2], r[3], r[4], r[5], _bits_in(r[6]), r[7])
+            MeterRow(r[0], bytes(r[1]), r[2], r[3], r[4], r[5], _bits_in(r[6]), r[7], r[8])
             for r in self.db.execute(
-                "SELECT meter, public_key, dap, grp, period, win_top, win_bits, pending_will "
-                "FROM meters ORDER BY meter")
+                "SELECT meter, public_key, dap, grp, period, win_top, win_bits, pending_will, "
+                "session FROM meters ORDER BY meter")
         ]
 
     def group_members(self, group: int) -> list[tuple[int, int | None]]:
@@ -320,7 +324,9 @@ class Store:
         if statuses:
             db.executemany(
                 "UPDATE requests SET status = ?, detail = ?, answered_at = ? "
-                "WHERE request = ? AND meter = ?",
+                "WHERE request = ? AND meter = ? AND status != 'answered'",
+                # a late status (a held copy answered 'expired') never
+                # overwrites a request already answered
                 [(st, d, at, r, m) for r, m, st, d in statuses])
 
     def request_status(self, request: int, meter: int) -> str | None:

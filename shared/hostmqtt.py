@@ -64,9 +64,12 @@ class BrokerSettings:
 
 def client(settings: BrokerSettings, client_id: str, *, clean_session: bool = True,
            manual_ack: bool = False, will: tuple[str, bytes, bool] | None = None,
-           inflight: int = 100) -> mqtt.Client:
+           inflight: int = 0) -> mqtt.Client:
     """A paho client set up for MQTT 3.1.1 with our settings; not yet
-    connected. `will`: (topic, payload, retain), published with QoS 1."""
+    connected. `will`: (topic, payload, retain), published with QoS 1.
+    `inflight`: outgoing QoS 1 messages awaiting PUBACK, 0 for no limit
+    (paho rescans its whole outgoing table on every PUBACK when there is a
+    limit, which costs more than the limit saves here)."""
     if "+" in client_id or "#" in client_id or not client_id:
         raise ValueError(f"client id {client_id!r} is empty or has + or #")
     c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,

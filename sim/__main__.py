@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         say("[4/9] booting 60 meters (firmware meter core, 8 days of load profile each)")
         fleet = Fleet(on_response=lambda m, w: responses.append((time.time(), m.id, len(w))))
         for p in sorted((site / "meters").glob("m*/meter.json")):
-            fleet.add(p.read_text())
+            fleet.add(p.read_text(), base=p.parent)
         fleet.start()
         store = Store(cfg.db)
         deadline = time.time() + 60

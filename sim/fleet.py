@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import selectors
+import ssl
 import threading
 import time
 from collections import deque
@@ -39,22 +40,23 @@ class MemoryFlash:
     """Flash in RAM (same calls as firmware.flash.Flash), for large fleets."""
 
     def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
+        self.files: dict[str, bytearray] = {}
         self.writes = 0
         self.bytes_written = 0
 
     def read(self, name: str) -> bytes | None:
-        return self.files.get(name)
+        data = self.files.get(name)
+        return None if data is None else bytes(data)
 
     def write(self, name: str, data: bytes) -> None:
         self.writes += 1
         self.bytes_written += len(data)
-        self.files[name] = bytes(data)
+        self.files[name] = bytearray(data)
 
     def append(self, name: str, data: bytes) -> None:
         self.writes += 1
         self.bytes_written += len(data)
-        self.files[name] = self.files.get(name, b"") + data
+        self.files.setdefault(name, bytearray()).extend(data)
 
     def remove(self, name: str) -> None:
         self.files.pop(name, None)
@@ -122,12 +124,15 @@ class Fleet:
     # -- building ------------------------------------------------------------
 
     def add(self, cfg_text: str, flash=None, *, history_days: float = 8.0,
-            seed: int | None = None) -> SimMeter:
+            seed: int | None = None, base: Path | None = None) -> SimMeter:
         """Add a meter from the text of its provisioned meter.json. It comes
         with `history_days` of load profile (the simulated metrology is a
         pure function of the seed, so the history is what it would have
-        measured)."""
+        measured). `base`: the folder meter.json came from, where its TLS CA
+        file (broker.ca) is, as on the board."""
         cfg = parse_config(cfg_text)
+        if cfg["ca"] and base is not None and not Path(cfg["ca"]).is_absolute():
+            cfg["ca"] = str(Path(base) / cfg["ca"])
         flash = flash if flash is not None else MemoryFlash()
         m = SimMeter(cfg, flash, SimulatedLoad(cfg["meter"] if seed is None else seed,
                                                cfg["period"]))
@@ -239,7 +244,9 @@ class Fleet:
         try:
             c.connect(self.host or cfg["host"], self.port or cfg["port"], self.keepalive)
         except OSError as e:
-            log.debug("meter %d: connect failed (%s); retrying in %.0f s", m.id, e, m.backoff)
+            # a refused TLS handshake will not fix itself: say so loudly
+            level = logging.WARNING if isinstance(e, ssl.SSLError) else logging.DEBUG
+            log.log(level, "meter %d: connect failed (%s); retrying in %.0f s", m.id, e, m.backoff)
             self._drop_client(m)
             self._backoff(m)
             return

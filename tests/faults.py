@@ -280,21 +280,6 @@ class Observer:
 # -- the head-end as the tests run it -----------------------------------------------
 
 
-class FaultHeadEnd(HeadEnd):
-    """The real HeadEnd; collection reads carry a delay tolerance (real
-    seconds, as the DAP reads it) so that an aggregating DAP really buffers
-    them. headend.service sends collection reads with tolerance 0, which
-    makes every response leave the DAP at once (see the report)."""
-
-    collect_tolerance = 0
-
-    def read(self, meter, spec, on_done=None):  # type: ignore[override]
-        if (self.collect_tolerance and spec.kind == "interval" and spec.tolerance == 0
-                and getattr(on_done, "__func__", None) is HeadEnd._collected):
-            spec = dataclasses.replace(spec, tolerance=self.collect_tolerance)
-        return super().read(meter, spec, on_done)
-
-
 # -- the rig -----------------------------------------------------------------------------
 
 
@@ -305,12 +290,13 @@ class RigConfig:
         1: range(1001, 1081), 2: range(2001, 2071)})
     direct: range = range(3001, 3061)
     speed: float = 450.0                        # simulated seconds per real second
+    # collection reads carry a 1 s delay tolerance (the DAP reads it in real
+    # seconds): an aggregating DAP really buffers them
     policy: CollectPolicy = field(default_factory=lambda: CollectPolicy(
         every=600, settle=60, backfill=2 * 3600, backoff=300, backoff_max=1800,
-        daily_budget=400, max_span=DAY))
+        daily_budget=400, max_span=DAY, tolerance=1))
     budget: dict[str, int] = field(default_factory=lambda: {"A": 1800, "B": 2700})
     retries: int = 1
-    collect_tolerance: int = 1                  # DAP hint, real seconds
     dap_window: float = 3.0
     dap_max_items: int = 500
     ack_timeout: float = 3.0
@@ -331,8 +317,8 @@ class Rig:
         self.clock = SimClock(SIM_START, cfg.speed)
         self.broker: Broker | None = None
         self.daps: dict[int, DapProc] = {}
-        self.he: FaultHeadEnd | None = None
-        self.retired: list[FaultHeadEnd] = []   # head-ends stopped during the run
+        self.he: HeadEnd | None = None
+        self.retired: list[HeadEnd] = []   # head-ends stopped during the run
         self.fleet: Fleet | None = None
         self.observer: Observer | None = None
         self.store: Store | None = None
@@ -438,12 +424,10 @@ stats_interval = 0.5
 """)
         return DapProc(dap, toml, self.workdir / f"dap{dap}.log", state)
 
-    def new_headend(self) -> FaultHeadEnd:
-        he = FaultHeadEnd(self.hcfg.db, self.hcfg.secret_key, self.settings,
-                          retries=self.cfg.retries, collect=self.cfg.policy, clock=self.clock,
-                          budget=self.cfg.budget)
-        he.collect_tolerance = self.cfg.collect_tolerance
-        return he
+    def new_headend(self) -> HeadEnd:
+        return HeadEnd(self.hcfg.db, self.hcfg.secret_key, self.settings,
+                       retries=self.cfg.retries, collect=self.cfg.policy, clock=self.clock,
+                       budget=self.cfg.budget)
 
     def restart_headend(self, down: float, while_down: Callable[[], None] | None = None
                         ) -> None:

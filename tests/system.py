@@ -122,7 +122,7 @@ class System:
         self.fleet = Fleet(host=self.broker.host, port=self.broker.port)
         for p in sorted((self.site / "meters").glob("m*/meter.json")):
             self.fleet.add(p.read_text(), Flash(str(p.parent / "flash")),
-                           history_days=history_days)
+                           history_days=history_days, base=p.parent)
         self.fleet.start()
         n = sum(len(ids) for ids, _ in self.groups.values())
         wait_until(lambda: self.online() == n, 60, f"{n} meters online")

@@ -74,7 +74,8 @@ def running(tmp_path_factory) -> Iterator[dict]:
                           cwd=home, log=tmp / "dap.log", ready="connected to the broker"))
         fleet = Fleet()
         for p in sorted((site / "meters").glob("m*/meter.json")):
-            fleet.add(p.read_text(), Flash(str(p.parent / "flash")), history_days=2)
+            fleet.add(p.read_text(), Flash(str(p.parent / "flash")), history_days=2,
+                      base=p.parent)
         fleet.start()
 
         def online() -> int:
