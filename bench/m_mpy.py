@@ -32,7 +32,9 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-RUNNER = Path(__file__).resolve().parent / "mpy_runner.mjs"
+# The one runner the tests use too; it runs a script's "#@@ part"s as
+# separate runPython calls, so gc.collect() can free between them.
+RUNNER = Path(__file__).resolve().parent.parent / "tests" / "mpy" / "runner.mjs"
 
 NAMES = ("mpy_seal_us", "mpy_open_us", "mpy_x25519_ms", "mpy_heap_bytes_per_seal",
          "mpy_meter_idle_heap_bytes")
@@ -183,8 +185,10 @@ def _run_mpy(params: dict) -> dict:
         t = Path(tmp)
         (t / "script.py").write_text(SCRIPT)
         (t / "in.json").write_text(json.dumps(params))
-        p = subprocess.run(["node", str(RUNNER), str(t / "script.py"), str(t / "in.json"),
-                            str(t / "out.json")], capture_output=True, text=True, timeout=900,
+        p = subprocess.run(["node", str(RUNNER), str(t / "script.py"),
+                            "--file", f"{t / 'in.json'}:/proj/in.json",
+                            "--out", f"/proj/out.json:{t / 'out.json'}"],
+                           capture_output=True, text=True, timeout=900,
                            env={**__import__("os").environ, "NODE_OPTIONS": ""})
         if p.returncode != 0:
             raise RuntimeError(f"MicroPython run failed ({p.returncode}):\n{p.stderr[-3000:]}")

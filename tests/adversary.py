@@ -30,6 +30,7 @@ import paho.mqtt.client as mqtt
 from nacl.public import PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
 
+from tests.waits import wait_until
 from shared import gateway, messages, topics
 from shared.backend import DEFAULT
 from shared.channel import Channel, digest
@@ -334,19 +335,6 @@ class Holder:
 
     def request(self, payload: bytes) -> list[tuple[str, bytes]] | None:
         return [] if self.take(None, payload) else None
-
-
-def wait_until(pred: Callable[[], Any], timeout: float = 30.0, what: str = "condition",
-               interval: float = 0.05) -> Any:
-    """Poll until pred() is truthy; fail naming `what` after `timeout` s."""
-    end = time.monotonic() + timeout
-    while True:
-        got = pred()
-        if got:
-            return got
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 __all__ = [

@@ -19,6 +19,7 @@ import paho.mqtt.client as mqtt
 from nacl.public import PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
 
+from tests.waits import wait_until
 from shared import envelope, gateway, group, topics
 from shared.backend import DEFAULT
 from shared.channel import Channel
@@ -26,19 +27,6 @@ from shared.const import DOWN, K_BUNDLE, S_NO_DATA, T_READ_CURRENT, T_STATUS, UP
 
 REPO = Path(__file__).resolve().parent.parent
 B = DEFAULT
-
-
-def wait_until(pred: Callable[[], Any], timeout: float = 30.0, what: str = "condition",
-               interval: float = 0.05) -> Any:
-    """Poll until pred() is truthy; fail with `what` after `timeout`."""
-    end = time.monotonic() + timeout
-    while True:
-        got = pred()
-        if got:
-            return got
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 class Counter:

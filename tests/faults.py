@@ -55,6 +55,7 @@ from headend.service import HeadEnd
 from headend.store import Store
 from shared import obis, topics
 from sim.fleet import Fleet
+from tests.waits import wait_until
 from tests.brokers import REPO, Broker, start_broker
 
 PERIOD = 900
@@ -67,25 +68,6 @@ class MeterLostOffline(AssertionError):
     """A meter is connected to the broker but the head-end holds it for
     offline, so the collector will never read it again: the wait can only
     time out. Raised at once instead (see Rig.lost_meters)."""
-
-
-def wait_until(cond: Callable[[], Any], timeout: float, what: str,
-               interval: float = 0.1, diagnose: Callable[[], str] | None = None,
-               fail: Callable[[], None] | None = None) -> Any:
-    """Poll until cond() is truthy; AssertionError naming `what` (and the
-    diagnosis) after `timeout` real seconds. `fail` is called on every
-    round: it raises when the wait can never succeed."""
-    end = time.monotonic() + timeout
-    while True:
-        got = cond()
-        if got:
-            return got
-        if fail is not None:
-            fail()
-        if time.monotonic() > end:
-            extra = f"\n{diagnose()}" if diagnose is not None else ""
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}{extra}")
-        time.sleep(interval)
 
 
 # -- the clock ------------------------------------------------------------------

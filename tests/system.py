@@ -20,6 +20,7 @@ from headend import provision
 from headend.config import HeadEndConfig
 from headend.service import HeadEnd
 from headend.store import Store
+from tests.waits import wait_until
 from shared import obis, topics
 from shared.hostmqtt import BrokerSettings
 from sim.fleet import Fleet, SimMeter
@@ -27,15 +28,6 @@ from sim.procs import PYTHON, Proc
 from tests.brokers import Broker, start_broker
 
 DAY = 86400
-
-
-def wait_until(cond: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 class Observer:
