@@ -113,6 +113,7 @@ class Fleet:
         self.keepalive = keepalive
         self.on_response = on_response
         self.meters: dict[int, SimMeter] = {}
+        self._down: set[int] = set()  # meters with no connection, waiting to (re)connect
         self._sel = selectors.DefaultSelector()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -138,6 +139,7 @@ class Fleet:
                                                cfg["period"]))
         self._boot(m, history_days)
         self.meters[m.id] = m
+        self._down.add(m.id)
         return m
 
     def _boot(self, m: SimMeter, history_days: float = 0.0) -> None:
@@ -188,9 +190,11 @@ class Fleet:
         last_misc = 0.0
         while not self._stop.is_set():
             now = time.monotonic()
-            for m in self.meters.values():
-                if m.client is None and now >= m.retry_at:
-                    self._connect(m)
+            if self._down:  # only meters without a connection, not all of them
+                for mid in list(self._down):
+                    m = self.meters[mid]
+                    if now >= m.retry_at:
+                        self._connect(m)
             for key, mask in self._sel.select(timeout=0.05):
                 if key.data is None:
                     try:
@@ -241,6 +245,7 @@ class Fleet:
         c.on_message = self._on_message
         c.on_publish = self._on_publish
         m.client = c
+        self._down.discard(m.id)
         try:
             c.connect(self.host or cfg["host"], self.port or cfg["port"], self.keepalive)
         except OSError as e:
@@ -261,6 +266,7 @@ class Fleet:
 
     def _drop_client(self, m: SimMeter) -> None:
         c, m.client, m.connected = m.client, None, False
+        self._down.add(m.id)
         m.inflight = None  # re-sent from the outbox on the next connection
         if c is not None:
             sock = c.socket()
