@@ -25,11 +25,10 @@ operations in CPython with PyNaCl.
 
 from __future__ import annotations
 
-import timeit
-
 import json
 import subprocess
 import tempfile
+import timeit
 from pathlib import Path
 
 # The one runner the tests use too; it runs a script's "#@@ part"s as

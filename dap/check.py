@@ -9,10 +9,9 @@ import os
 from pathlib import Path
 from typing import TextIO
 
-from shared.hostmqtt import BrokerSettings, MqttSetupError, client, connect
-
 from dap.config import Config
 from dap.errors import BrokerError, QueueError
+from shared.hostmqtt import BrokerSettings, MqttSetupError, client, connect
 
 
 def _state_dir(path: Path) -> str:

@@ -14,10 +14,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from dap.errors import ConfigError
 from shared.const import MAX_BUNDLE_ITEMS, MAX_ENVELOPE, MAX_GATEWAY_MSG, MAX_U32
 from shared.hostmqtt import BrokerSettings
-
-from dap.errors import ConfigError
 
 MODES = ("aggregate", "router")
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")

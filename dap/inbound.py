@@ -11,12 +11,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import cast
 
+from dap.errors import BadTopic, WrongKind
 from shared import envelope, gateway, group, topics
 from shared.backend import DEFAULT, Backend
 from shared.const import ENV_HEADER, ENV_SEALED, K_ACK, K_FORWARD, K_GROUP, MAX_ENVELOPE
 from shared.errors import DecodeError, MismatchError, ProtocolError, TooLarge
-
-from dap.errors import BadTopic, WrongKind
 
 UPLINK = "uplink"
 REQUEST = "req"

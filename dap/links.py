@@ -17,12 +17,11 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from shared import topics
-from shared.hostmqtt import BrokerSettings, MqttSetupError, client, connect
-
 from dap.config import Config
 from dap.errors import BrokerError
 from dap.stats import OFFLINE
+from shared import topics
+from shared.hostmqtt import BrokerSettings, MqttSetupError, client, connect
 
 log = logging.getLogger("dap")
 

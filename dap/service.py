@@ -18,10 +18,6 @@ from collections import Counter
 from queue import Empty, SimpleQueue
 from typing import Any
 
-from shared import gateway, topics
-from shared.backend import Backend
-from shared.errors import ProtocolError
-
 from dap import inbound
 from dap.aggregator import Aggregator
 from dap.config import ITEM_OVERHEAD, Config
@@ -30,6 +26,9 @@ from dap.hints import DelayHints
 from dap.links import Inbox, Item, Links
 from dap.queue import DiskQueue
 from dap.stats import Stats
+from shared import gateway, topics
+from shared.backend import Backend
+from shared.errors import ProtocolError
 
 log = logging.getLogger("dap")
 

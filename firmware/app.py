@@ -20,12 +20,11 @@ except ImportError:  # CPython
         return x
 
 
-from shared.const import Q_CLOCK
-
 from firmware import board as _b
 from firmware.meter import Meter
 from firmware.mqtt import Transport
 from firmware.outbox import Outbox
+from shared.const import Q_CLOCK
 
 LOOP_MS = const(100)
 CHUNK = const(96)           # intervals closed between two watchdog feeds

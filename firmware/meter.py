@@ -10,8 +10,9 @@ except ImportError:  # CPython
         return x
 
 
-from shared import envelope
-from shared import messages
+from firmware.profile import Profile
+from firmware.state import State
+from shared import envelope, messages
 from shared.channel import Channel
 from shared.const import (
     DEATH_ORDERLY,
@@ -37,9 +38,6 @@ from shared.counter import SkipAheadCounter
 from shared.errors import DecodeError, ProtocolError
 from shared.obis import ENERGY_EXPORT, ENERGY_IMPORT, POWER, VOLTAGE
 from shared.replay import ReplayWindow
-
-from firmware.profile import Profile
-from firmware.state import State
 
 _WRAP = const(0xFFFFFFFF)
 

@@ -34,9 +34,8 @@ try:
 except ImportError:  # not installed (yet): Link says so when it is used
     _simple = None
 
-from shared import topics
-
 from firmware.board import ticks_add, ticks_diff, ticks_ms
+from shared import topics
 
 KEEPALIVE_S = const(60)
 TIMEOUT_S = const(5)        # any one socket operation

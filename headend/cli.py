@@ -17,9 +17,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from shared import obis
-from shared.hostmqtt import MqttSetupError
-
 from headend import provision
 from headend.config import HeadEndConfig
 from headend.errors import ConfigError, HeadEndError, RequestFailed, UnknownMeterError
@@ -27,6 +24,8 @@ from headend.requests import ReadSpec
 from headend.service import HeadEnd
 from headend.store import Store
 from headend.timeparse import parse_time, show_time
+from shared import obis
+from shared.hostmqtt import MqttSetupError
 
 DEFAULT_SITE = os.environ.get("HEADEND_SITE", "site")
 

@@ -7,10 +7,9 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.hostmqtt import BrokerSettings
-
 from headend.collect import CollectPolicy
 from headend.errors import ConfigError
+from shared.hostmqtt import BrokerSettings
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
+from headend.store import MeterRow, Store
 from shared import envelope, gateway, messages, obis, topics
 from shared.backend import DEFAULT, Backend
 from shared.channel import Channel
@@ -47,8 +48,6 @@ from shared.errors import (
     UnknownPeerError,
 )
 from shared.replay import ReplayWindow
-
-from headend.store import MeterRow, Store
 
 log = logging.getLogger("headend.ingest")
 

@@ -20,12 +20,11 @@ from pathlib import Path
 
 from nacl.public import PrivateKey
 
-from shared import topics
-
 from headend import brokerconf
 from headend.config import HeadEndConfig
 from headend.errors import ConfigError
 from headend.store import Store
+from shared import topics
 
 DAP_DEFAULTS = {"window": 10.0, "max_items": 500, "max_bytes": 262144}
 

@@ -13,6 +13,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Literal
 
+from headend.errors import UnknownMeterError
+from headend.store import MeterRow, Store
 from shared import gateway, group, topics
 from shared.backend import DEFAULT, Backend
 from shared.channel import Channel
@@ -23,9 +25,6 @@ from shared.const import (
     T_READ_CURRENT,
     T_READ_INTERVAL,
 )
-
-from headend.errors import UnknownMeterError
-from headend.store import MeterRow, Store
 
 # Seconds a meter has to answer, by flow (the seed: flow A a few seconds,
 # flow B 15 to 30 s to the DAP). A request's deadline is its issue time plus

@@ -15,14 +15,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared import gateway, topics
-from shared.backend import DEFAULT, Backend
-from shared.hostmqtt import BrokerSettings, client, connect
-
-from headend.collect import CollectPolicy, Collector
+from headend.collect import Collector, CollectPolicy
 from headend.ingest import Batch, Ingest
 from headend.requests import BUDGET, Issued, ReadSpec, Requester
 from headend.store import Store
+from shared import gateway, topics
+from shared.backend import DEFAULT, Backend
+from shared.hostmqtt import BrokerSettings, client, connect
 
 log = logging.getLogger("headend")
 

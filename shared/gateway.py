@@ -21,7 +21,6 @@ from shared.const import (
     MAX_ENVELOPE,
     MAX_GATEWAY_MSG,
     MAX_GROUP_MEMBERS,
-    MAX_U32,
     NONCE_BYTES,
     VERSION,
 )

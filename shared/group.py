@@ -12,7 +12,6 @@ from shared.channel import digest
 from shared.const import DOWN, ENV_GROUP_ITEM, ENV_HEADER, MAX_ENVELOPE, NONCE_BYTES, VERSION
 from shared.errors import DecodeError
 
-
 ITEM_HEADER = ENV_HEADER + 32  # header and the member's box, before the body
 
 

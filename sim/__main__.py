@@ -22,14 +22,13 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from shared import topics
-from shared.hostmqtt import BrokerSettings
-
 from headend import provision
 from headend.config import HeadEndConfig
 from headend.requests import ReadSpec
 from headend.service import HeadEnd
 from headend.store import Store
+from shared import topics
+from shared.hostmqtt import BrokerSettings
 from sim.fleet import Fleet
 from sim.procs import PYTHON, Proc, free_port, wait_port
 from sim.scenarios import Scenario, plaintext_patterns, run_group, run_reads, scan, yesterday

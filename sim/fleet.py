@@ -20,14 +20,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from firmware.config import parse as parse_config
-from firmware.flash import Flash
 from firmware.meter import Meter
 from firmware.metrology import SimulatedLoad
 from firmware.outbox import Outbox

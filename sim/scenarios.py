@@ -9,11 +9,10 @@ from dataclasses import dataclass, field
 
 import cbor2
 
-from shared import obis
-
 from headend.requests import ReadSpec
 from headend.service import HeadEnd, ReadHandle
 from headend.store import Store
+from shared import obis
 
 
 @dataclass

@@ -30,7 +30,7 @@ import paho.mqtt.client as mqtt
 from nacl.public import PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.waits import wait_until
+from dap import inbound
 from shared import gateway, messages, topics
 from shared.backend import DEFAULT
 from shared.channel import Channel, digest
@@ -42,8 +42,7 @@ from shared.const import (
     NONCE_BYTES,
     T_READ_CURRENT,
 )
-
-from dap import inbound
+from tests.waits import wait_until
 
 B = DEFAULT
 

@@ -11,19 +11,17 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import paho.mqtt.client as mqtt
 from nacl.public import PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.waits import wait_until
 from shared import envelope, gateway, group, topics
 from shared.backend import DEFAULT
 from shared.channel import Channel
 from shared.const import DOWN, K_BUNDLE, S_NO_DATA, T_READ_CURRENT, T_STATUS, UP
+from tests.waits import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 B = DEFAULT

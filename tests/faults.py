@@ -48,15 +48,15 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from firmware.metrology import SimulatedLoad
 from headend import provision
-from headend.collect import DAY, CollectPolicy, Collector
+from headend.collect import DAY, Collector, CollectPolicy
 from headend.config import HeadEndConfig
 from headend.requests import ReadSpec
 from headend.service import HeadEnd
 from headend.store import Store
 from shared import obis, topics
 from sim.fleet import Fleet
-from tests.waits import wait_until
 from tests.brokers import REPO, Broker, start_broker
+from tests.waits import wait_until
 
 PERIOD = 900
 IMPORT, EXPORT = obis.INTERVAL_IMPORT, obis.INTERVAL_EXPORT

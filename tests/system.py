@@ -9,7 +9,6 @@ import dataclasses
 import re
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -20,12 +19,11 @@ from headend import provision
 from headend.config import HeadEndConfig
 from headend.service import HeadEnd
 from headend.store import Store
-from tests.waits import wait_until
 from shared import obis, topics
-from shared.hostmqtt import BrokerSettings
 from sim.fleet import Fleet, SimMeter
 from sim.procs import PYTHON, Proc
 from tests.brokers import Broker, start_broker
+from tests.waits import wait_until
 
 DAY = 86400
 

@@ -18,6 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from dap import inbound
+from dap.config import Config
+from dap.errors import BadTopic, ConfigError, WrongKind
 from shared import gateway, group, topics
 from shared.backend import DEFAULT
 from shared.const import ENV_GROUP_ITEM, K_FORWARD, T_READ_CURRENT
@@ -32,10 +35,6 @@ from tests.dap_helpers import (
     wait_until,
     write_config,
 )
-
-from dap import inbound
-from dap.config import Config
-from dap.errors import BadTopic, ConfigError, WrongKind
 
 ROOT = Path(__file__).resolve().parent.parent
 DAP_DIR = ROOT / "dap"
