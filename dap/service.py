@@ -1,21 +1,19 @@
 """The DAP's I/O shell: MQTT connections, the disk queue and one loop.
 
-paho's network threads only put what arrives into an inbox. One loop (the
-caller's thread, normally the main thread) does everything else, in
-batches: check each message, store meter envelopes, apply head-end acks,
-deliver requests to meters, close due bundles; then commit, and only then
-acknowledge the batch to the broker (QoS 1, manual) and publish the new
-bundles. A crash at any point loses nothing that was acknowledged.
+One loop (the caller's thread, normally the main thread) drives the
+network (dap/links.py) and does everything else, in batches: check each
+message, store meter envelopes, apply head-end acks, deliver requests to
+meters, close due bundles; then commit, and only then acknowledge the
+batch to the broker (QoS 1, manual) and publish the new bundles. A crash
+at any point loses nothing that was acknowledged.
 """
 
 from __future__ import annotations
 
 import logging
 import sqlite3
-import threading
 import time
 from collections import Counter
-from queue import Empty, SimpleQueue
 from typing import Any
 
 from dap import inbound
@@ -23,7 +21,7 @@ from dap.aggregator import Aggregator
 from dap.config import ITEM_OVERHEAD, Config
 from dap.errors import DapError
 from dap.hints import DelayHints
-from dap.links import Inbox, Item, Links
+from dap.links import Item, Links
 from dap.queue import DiskQueue
 from dap.stats import Stats
 from shared import gateway, topics
@@ -49,8 +47,7 @@ class Dap:
             config.mode, a.window, a.max_items, a.max_bytes)
         self.hints = DelayHints()
         self.queue: DiskQueue | None = None
-        self._inbox: Inbox = SimpleQueue()
-        self._stop = threading.Event()
+        self._stop = False
         q = config.queue
         self._rate = q.drain_rate
         self._tokens = self._burst = max(1.0, q.drain_rate)
@@ -59,27 +56,26 @@ class Dap:
         self._logged: Counter[str] = Counter()
         self._warned = False
         self._announce = False
-        self.links = Links(config, self._inbox, self._head_end_connected)
+        self.links = Links(config, self._head_end_connected)
         self.meters, self.up = self.links.meters, self.links.up
         self.state_topic = self.links.state_topic
 
     def _head_end_connected(self) -> None:
-        """(network thread) The loop publishes the status: it owns the counters."""
+        """The loop publishes the status after this round."""
         self._announce = True
-        self._inbox.put(None)
 
     # -- lifecycle -------------------------------------------------------------
 
     def request_stop(self) -> None:
         """Ask run() to stop: safe from a signal handler or another thread."""
-        self._stop.set()
-        self._inbox.put(None)
+        self._stop = True
+        self.links.wake()
 
     def run(self) -> None:
         """Recover the queue, connect, and serve until request_stop()."""
         try:
             self.setup()
-            while not self._stop.is_set():
+            while not self._stop:
                 self._step(self._collect(self._wait_time()))
             self._shutdown()
         finally:
@@ -124,30 +120,19 @@ class Dap:
 
     def _collect(self, timeout: float) -> list[Item]:
         """A batch: everything that arrives within BATCH_LINGER of the first
-        message, up to BATCH_MAX, closed early by a quiet gap."""
-        try:
-            first = self._inbox.get(timeout=timeout)
-        except Empty:
-            return []
-        if first is None:
-            return []
-        batch = [first]
+        message, up to about BATCH_MAX, closed early by a quiet gap."""
+        batch = self.links.poll(timeout)
+        if not batch:
+            return batch
         end = time.monotonic() + BATCH_LINGER
-        get, get_nowait = self._inbox.get, self._inbox.get_nowait
-        while len(batch) < BATCH_MAX:
-            try:
-                item = get_nowait()
-            except Empty:
-                left = end - time.monotonic()
-                if left <= 0:
-                    break
-                try:
-                    item = get(timeout=min(left, BATCH_GAP))
-                except Empty:
-                    break
-            if item is None:
+        while len(batch) < BATCH_MAX and not self._stop:
+            left = end - time.monotonic()
+            if left <= 0:
                 break
-            batch.append(item)
+            more = self.links.poll(min(left, BATCH_GAP))
+            if not more:
+                break
+            batch += more
         return batch
 
     def _step(self, batch: list[Item]) -> None:
@@ -174,6 +159,7 @@ class Dap:
             self._gauges()
             self.up.publish(self.state_topic, self.stats.status(), qos=1, retain=True)
         self._announce = False
+        self.links.flush()
 
     def _handle(self, item: Item, now: float, wall: float, acks_only: bool) -> bool:
         """Process one message; False if it must stay unacknowledged."""
@@ -328,16 +314,12 @@ class Dap:
         for seq, envs in bundles:
             if envs:
                 self._publish_bundle(seq, envs, first=True)
-        left = 0
+        self.links.flush()
+        left = 0  # whatever else arrives stays with the broker
         while self.queue.unacked and time.monotonic() < end:
-            batch = self._collect(0.05)
+            batch = self.links.poll(0.05)
             left += sum(1 for item in batch if not self._step_ack_only(item))
-        while True:  # whatever else arrived stays with the broker
-            try:
-                if self._inbox.get_nowait() is not None:
-                    left += 1
-            except Empty:
-                break
+            self.links.flush()
         if left:
             log.info("left %d messages unacknowledged: the broker redelivers them "
                      "after a restart", left)
@@ -347,10 +329,7 @@ class Dap:
                      self.queue.unacked)
         log.info("stats at shutdown: %s", self.stats.summary())
         info = self.up.publish(self.state_topic, self.stats.status("offline"), qos=1, retain=True)
-        try:
-            info.wait_for_publish(2.0)
-        except (RuntimeError, ValueError):
-            pass
+        self.links.pump_until(info.is_published, 2.0)  # what arrives stays unacknowledged
 
     def _step_ack_only(self, item: Item) -> bool:
         assert self.queue is not None

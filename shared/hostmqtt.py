@@ -88,6 +88,34 @@ def client(settings: BrokerSettings, client_id: str, *, clean_session: bool = Tr
     return c
 
 
+def open_socket(c: mqtt.Client, settings: BrokerSettings) -> None:
+    """Open the connection and send CONNECT (the CONNACK comes later, to
+    whichever loop drives the client). Raises MqttSetupError with what to
+    check."""
+    try:
+        c.connect(settings.host, settings.port, settings.keepalive)
+    except ssl.SSLError as e:
+        raise MqttSetupError(
+            f"the TLS handshake with the MQTT broker at {settings.host}:{settings.port} "
+            f"failed ({e}); check that tls_ca is the CA that signed the broker's certificate "
+            "and that the host name matches it (docs/brokers.md, TLS)") from e
+    except OSError as e:
+        raise MqttSetupError(
+            f"cannot reach the MQTT broker at {settings.host}:{settings.port} ({e}); "
+            "is it running, and are host and port right?") from e
+
+
+def no_answer(settings: BrokerSettings, timeout: float) -> MqttSetupError:
+    return MqttSetupError(
+        f"no answer from the MQTT broker at {settings.host}:{settings.port} in {timeout:.0f} s")
+
+
+def refused(settings: BrokerSettings, reason: Any) -> MqttSetupError:
+    return MqttSetupError(
+        f"the broker at {settings.host}:{settings.port} refused the connection: {reason}; "
+        "check the username and password (provisioning wrote them) and the broker's ACLs")
+
+
 def connect(c: mqtt.Client, settings: BrokerSettings, timeout: float = 15.0) -> None:
     """Connect, start paho's network thread and wait for the broker's
     CONNACK. Raises MqttSetupError with what to check."""
@@ -102,27 +130,14 @@ def connect(c: mqtt.Client, settings: BrokerSettings, timeout: float = 15.0) -> 
             previous(client, userdata, flags, reason, properties)
 
     c.on_connect = on_connect
-    try:
-        c.connect(settings.host, settings.port, settings.keepalive)
-    except ssl.SSLError as e:
-        raise MqttSetupError(
-            f"the TLS handshake with the MQTT broker at {settings.host}:{settings.port} "
-            f"failed ({e}); check that tls_ca is the CA that signed the broker's certificate "
-            "and that the host name matches it (docs/brokers.md, TLS)") from e
-    except OSError as e:
-        raise MqttSetupError(
-            f"cannot reach the MQTT broker at {settings.host}:{settings.port} ({e}); "
-            "is it running, and are host and port right?") from e
+    open_socket(c, settings)
     c.loop_start()
     if not done.wait(timeout):
         c.loop_stop()
-        raise MqttSetupError(
-            f"no answer from the MQTT broker at {settings.host}:{settings.port} in {timeout:.0f} s")
+        raise no_answer(settings, timeout)
     reason = result["reason"]
     if reason.is_failure:
         c.loop_stop()
         c.disconnect()
-        raise MqttSetupError(
-            f"the broker at {settings.host}:{settings.port} refused the connection: {reason}; "
-            "check the username and password (provisioning wrote them) and the broker's ACLs")
+        raise refused(settings, reason)
     c.on_connect = previous
