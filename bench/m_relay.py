@@ -132,7 +132,7 @@ def run(quick: bool, workdir: Path, only) -> dict:
     logs = workdir / "logs"
     broker = start_mosquitto(workdir)
     host, port = broker.host, broker.port
-    meters, rounds, reps = (200, 5, 1) if quick else (1000, 20, 3)
+    meters, rounds, reps = (200, 5, 1) if quick else (1000, 20, 5)
     out = {}
     try:
         site = Site(workdir / "site", port)
