@@ -4,9 +4,8 @@ own, driven by JSON lines (see bench.fleetproc):
     python -m bench.worker DB KEYFILE HOST PORT CLIENT_ID SUBSCRIPTION
 
 Builds the HeadEnd (scheduled collection off), emits {"built"}, waits for
-"go", connects (persistent session, manual acks after commit, as `serve`;
-start() returns once the SUBACK is in), emits {"subscribed"}, and stops on
-"stop".
+"go", connects (persistent session, manual acks after commit, as `serve`),
+emits {"subscribed"} once the SUBACK is in, and stops on "stop".
 """
 
 from __future__ import annotations
@@ -14,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 from pathlib import Path
 
 from headend.service import HeadEnd
@@ -32,6 +32,8 @@ def main() -> None:
     he = HeadEnd(Path(db), Path(keyfile).read_bytes(),
                  BrokerSettings(host=host, port=int(port), keepalive=120),
                  client_id=cid, subscription=sub)
+    subscribed = threading.Event()
+    he.mqtt.on_subscribe = lambda *a: subscribed.set()
     emit(built=True)
     started = False
     for line in sys.stdin:
@@ -39,8 +41,7 @@ def main() -> None:
         if cmd == "go" and not started:
             started = True
             he.start()
-            if not he.link.subscribed:
-                raise SystemExit("the broker did not answer the subscription")
+            subscribed.wait(30)
             emit(subscribed=True)
         elif cmd == "stats":
             emit(stats={"received": he.received, "acked": he.acked, **he.ingest.totals})

@@ -1,6 +1,5 @@
-"""The head-end's I/O shell: one thread drives paho-mqtt (through
-shared.hostmqtt.Driver, no paho network thread) and ingests what arrives in
-batches; a timer thread re-sends unanswered requests and runs collection.
+"""The head-end's I/O shell: paho-mqtt, a thread that ingests in batches,
+and a timer that re-sends unanswered requests.
 
 Messages are acknowledged to the broker (QoS 1 PUBACK, manual) and bundles
 to their DAP only after the batch carrying them is committed to SQLite.
@@ -22,12 +21,9 @@ from headend.requests import BUDGET, Issued, ReadSpec, Requester
 from headend.store import Store
 from shared import gateway, topics
 from shared.backend import DEFAULT, Backend
-from shared.hostmqtt import BrokerSettings, Driver, Link, client
+from shared.hostmqtt import BrokerSettings, client, connect
 
 log = logging.getLogger("headend")
-
-IDLE_WAIT = 1.0  # seconds the network loop waits when nothing happens
-SUBSCRIBE_WAIT = 10.0  # seconds start() waits for the SUBACK
 
 DONE = ("answered", "no-data", "expired", "malformed", "unsupported", "timeout")
 
@@ -106,7 +102,7 @@ class HeadEnd:
         self.collector = Collector(Store(db), collect) if collect is not None and ingest else None
         self._collect_events: queue.SimpleQueue = queue.SimpleQueue()
         self.collect_reads: dict[str, int] = {}
-        self._received: list[tuple[int, int, str, bytes]] = []  # the loop's own
+        self._inbox: queue.Queue = queue.Queue()
         self._pending: dict[tuple[int, int], _Pending] = {}
         self._handles: dict[int, ReadHandle] = {}
         self._lock = threading.RLock()
@@ -115,105 +111,107 @@ class HeadEnd:
         self.subscriptions = (subscription,) if subscription else topics.HEADEND_SUBSCRIPTIONS
         self.ingesting = ingest
         self.mqtt = client(broker, client_id, clean_session=not ingest, manual_ack=ingest)
-        self.net = Driver()
-        self.link = self.net.add(self.mqtt, broker, "broker", client_id,
-                                 on_message=self._on_message, on_connect=self._on_connect)
+        self.mqtt.on_message = self._on_message
+        self.mqtt.on_connect = self._on_connect
         self.received = 0
         self.acked = 0
 
     # -- lifecycle -----------------------------------------------------------
 
     def start(self, timeout: float = 15.0) -> HeadEnd:
-        """Connect (MqttSetupError says what to check), subscribe when
-        ingesting, and start the network loop and the timer."""
         self._stop.clear()
-        self.net.connect(timeout)
-        if self.ingesting and not self.net.pump_until(lambda: self.link.subscribed,
-                                                      SUBSCRIBE_WAIT):
-            log.warning("no answer to subscribing at %s:%d yet", self.broker.host,
-                        self.broker.port)
-        for target, name in ((self._net_loop, "net"), (self._timer_loop, "timer")):
+        loops = [(self._timer_loop, "timer")]
+        if self.ingesting:
+            loops.append((self._ingest_loop, "ingest"))
+        for target, name in loops:
             t = threading.Thread(target=target, name=f"headend-{name}", daemon=True)
             t.start()
             self._threads.append(t)
+        connect(self.mqtt, self.broker, timeout)
+        if self.ingesting:
+            self._subscribe(self.mqtt)
         return self
 
     def stop(self) -> None:
         self._stop.set()
-        self.net.wake()
+        self._inbox.put(None)
         for t in self._threads:
             t.join(timeout=10)
         self._threads.clear()
-        self.net.close()
+        self.mqtt.disconnect()
+        self.mqtt.loop_stop()
 
-    def _on_connect(self, c, link: Link) -> None:
-        if self.ingesting:
-            c.subscribe([(t, 1) for t in self.subscriptions])
+    def _subscribe(self, c) -> None:
+        c.subscribe([(t, 1) for t in self.subscriptions])
 
-    def _on_message(self, c, msg) -> None:
+    def _on_connect(self, c, userdata, flags, reason, properties) -> None:
+        if not reason.is_failure and self.ingesting:
+            self._subscribe(c)
+            log.info("connected to %s:%d", self.broker.host, self.broker.port)
+
+    def _on_message(self, c, userdata, msg) -> None:
         self.received += 1
-        self._received.append((msg.mid, msg.qos, msg.topic, msg.payload))
+        self._inbox.put((msg.mid, msg.qos, msg.topic, msg.payload))
 
-    # -- the network loop and ingest -----------------------------------------
+    # -- ingest --------------------------------------------------------------
 
-    def _net_loop(self) -> None:
-        """Network events, and (when ingesting) what arrived, in batches:
-        one transaction each, bounded in messages and in bytes (a backlog
-        of bundles would otherwise become one huge transaction)."""
+    def _ingest_loop(self) -> None:
         while not self._stop.is_set():
-            self.net.events(IDLE_WAIT)
-            while self._received and self.ingesting and not self._stop.is_set():
-                items = self._received
-                n = size = 0
-                while n < len(items) and n < self.batch_max and size < self.batch_bytes:
-                    size += len(items[n][3])
-                    n += 1
-                batch, self._received = items[:n], items[n:]
-                if not self._ingest(batch):
-                    return  # stopped: the batch is left unacknowledged, for redelivery
+            item = self._inbox.get()
+            if item is None:
+                break
+            items = [item]
+            size = len(item[3])
+            # one transaction per batch: bounded in messages and in bytes (a
+            # backlog of bundles would otherwise become one huge transaction)
+            while len(items) < self.batch_max and size < self.batch_bytes:
+                try:
+                    nxt = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._stop.set()
+                    break
+                items.append(nxt)
+                size += len(nxt[3])
+            if self.delay_per_message and not self._slow_down(len(items)):
+                break  # stopped: the batch is left unacknowledged, for redelivery
+            batch = None
+            wait = 0.5
+            while batch is None and not self._stop.is_set():
+                try:
+                    batch = self.ingest.process([(t, p) for _, _, t, p in items], self.clock())
+                except Exception:
+                    # nothing of it is stored or acknowledged: try the same batch
+                    # again rather than leave it to a redelivery that only comes
+                    # with a reconnect
+                    log.exception("storing a batch of %d message(s) failed; retrying in %.0f s "
+                                  "(is the disk full or the store locked?)", len(items), wait)
+                    self._stop.wait(wait)
+                    wait = min(wait * 2, 30.0)
+            if batch is None:
+                break  # stopped while the store was failing: redelivered after restart
+            for mid, qos, _, _ in items:
+                if qos:
+                    self.mqtt.ack(mid, qos)
+            self.acked += len(items)
+            for dap, seqs in batch.acks.items():
+                self.mqtt.publish(topics.dap_ack(dap),
+                                  gateway.ack(self.backend, dap, _ranges(seqs)), qos=1)
+            self._resolve(batch)
+            if self.on_batch is not None:
+                self.on_batch(batch)
 
-    def _ingest(self, items: list[tuple[int, int, str, bytes]]) -> bool:
-        """Store a batch, then acknowledge it; False if stop() came first."""
-        if self.delay_per_message and not self._pause(lambda: self.delay_per_message * len(items)):
-            return False
-        batch = None
-        wait = 0.5
-        while batch is None:
-            try:
-                batch = self.ingest.process([(t, p) for _, _, t, p in items], self.clock())
-            except Exception:
-                # nothing of it is stored or acknowledged: try the same batch
-                # again rather than leave it to a redelivery that only comes
-                # with a reconnect
-                log.exception("storing a batch of %d message(s) failed; retrying in %.0f s "
-                              "(is the disk full or the store locked?)", len(items), wait)
-                if not self._pause(lambda wait=wait: wait):
-                    return False  # redelivered after a restart
-                wait = min(wait * 2, 30.0)
-        for mid, qos, _, _ in items:
-            if qos:
-                self.mqtt.ack(mid, qos)
-        self.acked += len(items)
-        for dap, seqs in batch.acks.items():
-            self.mqtt.publish(topics.dap_ack(dap),
-                              gateway.ack(self.backend, dap, _ranges(seqs)), qos=1)
-        self.net.flush()
-        self._resolve(batch)
-        if self.on_batch is not None:
-            self.on_batch(batch)
-        return True
-
-    def _pause(self, seconds: Callable[[], float]) -> bool:
-        """Wait seconds() - asked again at every step, so that a slow
-        head-end's delay_per_message (fault injection) can be lifted at once -
-        while the network keeps going (keepalive; what arrives waits). False
-        if stop() was called."""
+    def _slow_down(self, n: int) -> bool:
+        """Fault injection (a slow head-end): wait n * delay_per_message, in
+        short steps, so that a change of delay_per_message takes effect at
+        once and stop() is not held up. False if stop() was called."""
         start = time.monotonic()
         while not self._stop.is_set():
-            left = start + seconds() - time.monotonic()
+            left = start + self.delay_per_message * n - time.monotonic()
             if left <= 0:
                 return True
-            self.net.events(min(left, 0.1))
+            self._stop.wait(min(left, 0.1))
         return False
 
     def _resolve(self, batch: Batch) -> None:
@@ -263,7 +261,6 @@ class HeadEnd:
     def _send(self, issued: Issued) -> None:
         for out in issued.messages:
             self.mqtt.publish(out.topic, out.payload, qos=1)
-        self.net.wake()  # the network loop sends them
 
     def read(self, meter: int, spec: ReadSpec,
              on_done: Callable[[ReadHandle], None] | None = None) -> ReadHandle:

@@ -186,8 +186,7 @@ class Driver:
     a network thread per client. With paho's thread, every publish and
     acknowledgement made by another thread also wakes that thread through a
     socket pair, and the threads take turns on the GIL for each message
-    (make bench: a sixth of the DAP's and a quarter of the head-end's CPU
-    per routed message).
+    (make bench: a sixth of the DAP's CPU per routed message).
 
     The thread that calls events() is the loop. Other threads may publish
     on a client (paho queues the packet) and then call wake(). Lost

@@ -411,25 +411,21 @@ def test_slow_headend_delay_can_be_lifted_and_stopped(tmp_path: Path) -> None:
     message of a batch. Lifting the delay takes effect at once (it used to
     be one time.sleep for the whole batch: behind Mosquitto a batch held
     hundreds of messages, so the head-end stayed 'slow' for minutes after
-    the fault was over), and stop() ends the network loop at once, leaving
-    the batch unacknowledged for the broker to redeliver. (No broker here:
-    what paho would deliver is handed to the loop the way its on_message
-    does, and the loop woken.)"""
+    the fault was over), and stop() ends the ingest thread at once, leaving
+    the batch unacknowledged for the broker to redeliver."""
     Store(tmp_path / "headend.db").close()
     he = HeadEnd(tmp_path / "headend.db", bytes(32), BrokerSettings(), delay_per_message=100.0)
-    t = threading.Thread(target=he._net_loop, daemon=True)
+    t = threading.Thread(target=he._ingest_loop, daemon=True)
     he._threads.append(t)
     t.start()
-    he._received.append((1, 0, "m1/up", b"not an envelope"))
-    he.net.wake()
+    he._inbox.put((1, 0, "m1/up", b"not an envelope"))
     time.sleep(0.5)
     assert he.acked == 0  # still being slow
     he.delay_per_message = 0.0
     wait_until(lambda: he.acked == 1, 10, "the batch once the delay is lifted")
     he.delay_per_message = 100.0
-    he._received.append((2, 0, "m1/up", b"not an envelope either"))
-    he.net.wake()
+    he._inbox.put((2, 0, "m1/up", b"not an envelope either"))
     time.sleep(0.3)
     he.stop()
-    assert not t.is_alive(), "stop() left the network loop sleeping"
+    assert not t.is_alive(), "stop() left the ingest thread sleeping"
     assert he.acked == 1  # the second batch was not processed, nor acknowledged
