@@ -532,6 +532,26 @@ def test_check_wrong_port(tmp_path):
     assert f"cannot reach the MQTT broker at 127.0.0.1:{port}" in r.stderr
 
 
+def test_service_refused_or_unreachable_exits_1_saying_why(secured_broker, tmp_path):
+    """Not only --check: the DAP itself, on its own network loop, stops at
+    start with the broker's refusal or the unreachable address, and what to
+    check, instead of retrying silently."""
+    from headend.brokerconf import Account, Layout
+
+    broker = secured_broker(Layout(daps=(1,)))
+    cfg = write_config(tmp_path / "bad.toml", broker.port, tmp_path / "st",
+                       account=Account("d1", "not-the-password"))
+    r = run_cli("--config", str(cfg))
+    assert r.returncode == 1
+    assert f"the broker at 127.0.0.1:{broker.port} refused the connection" in r.stderr
+    assert "check the username and password" in r.stderr
+    port = free_port()
+    cfg = write_config(tmp_path / "gone.toml", port, tmp_path / "st2")
+    r = run_cli("--config", str(cfg))
+    assert r.returncode == 1
+    assert f"cannot reach the MQTT broker at 127.0.0.1:{port}" in r.stderr
+
+
 def test_bad_config_exits_1_and_help(tmp_path):
     cfg = tmp_path / "bad.toml"
     cfg.write_text("dap = 1\nstate_dir = 's'\n[meters_broker]\n[queue]\nack_timout = 3\n")
