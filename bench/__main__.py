@@ -26,14 +26,10 @@ import time
 import traceback
 from pathlib import Path
 
-from bench.common import REPO, machine, raise_nofile
+from bench.common import REPO, machine, raise_nofile, wanted
 
 # Cheap and deterministic first, the long multi-process runs last.
 MODULES = ("m_wire", "m_mpy", "m_ingest", "m_relay", "m_scale", "m_cpu", "m_group")
-
-
-def wanted(names: tuple[str, ...], only: list[str] | None) -> bool:
-    return not only or any(n.startswith(o) or o.startswith(n) for n in names for o in only)
 
 
 def status(m: dict) -> str:
@@ -115,9 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     # A SIGTERM (a CI timeout, `timeout`) unwinds like Ctrl-C, so that every
     # broker, DAP, head-end and fleet process started is stopped.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    limits = raise_nofile()
+    raise_nofile()  # before machine(), which records the limits in force
     report = {"machine": machine(), "quick": args.quick, "metrics": {}, "elapsed_s": None}
-    report["machine"]["rlimit_nofile"] = list(limits)
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-"))
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
@@ -143,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                            "baseline": "", "error": f"{type(e).__name__}: {e}"}
                        for n in mod.NAMES}
             for name, m in got.items():
-                if not args.only or wanted((name,), args.only):
+                if wanted((name,), args.only):
                     m.setdefault("module", modname)
                     report["metrics"][name] = m
             print(f"   {modname}: {time.monotonic() - t:.1f} s", file=sys.stderr, flush=True)

@@ -16,6 +16,7 @@ import os
 import platform
 import resource
 import shutil
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -27,14 +28,15 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import psutil
 from nacl.public import PrivateKey
-from paho.mqtt.enums import CallbackAPIVersion
 
-from headend.brokerconf import Layout, write_mosquitto
 from headend.store import Store
 from shared import topics
-from shared.hostmqtt import BrokerSettings
+from shared.hostmqtt import BrokerSettings, client
 from sim.procs import Proc
-from tests.brokers import Broker, free_port, mosquitto_binary, start_amqtt
+from tests import brokers, dap_helpers
+from tests.brokers import Broker, mosquitto_binary, start_amqtt
+from tests.dap_helpers import close
+from tests.waits import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -97,8 +99,6 @@ def machine() -> dict[str, Any]:
         mpy = json.loads((mpy_pkg / "package.json").read_text())["version"]
     except (OSError, ValueError, KeyError):
         mpy = None
-    import sqlite3
-
     return {
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "hostname": platform.node(),
@@ -120,30 +120,21 @@ def machine() -> dict[str, Any]:
     }
 
 
+def wanted(names: tuple[str, ...], only: list[str] | None) -> bool:
+    """Whether any of these metric names is asked for (`--only` names or
+    prefixes; nothing asked: all)."""
+    return not only or any(n.startswith(o) or o.startswith(n) for n in names for o in only)
+
+
 # -- brokers -------------------------------------------------------------------
 
-def start_mosquitto(workdir: Path, extra: Iterable[str] = ()) -> Broker:
+def start_mosquitto(workdir: Path) -> Broker:
     """An open Mosquitto on a free loopback port, with the project's queue
     settings (headend.brokerconf) and no persistence file (queues are held
-    in memory either way; the autosave would only add noise). max_connections
-    is unlimited (-1, its default, written out); the real bound is the
+    in memory either way; the autosave would only add noise). Its
+    max_connections is unlimited (the default); the real bound is the
     process's RLIMIT_NOFILE, inherited from this process (raise_nofile)."""
-    workdir = Path(workdir) / "mosquitto"
-    shutil.rmtree(workdir, ignore_errors=True)
-    workdir.mkdir(parents=True)
-    port = free_port()
-    conf = write_mosquitto(workdir, layout=Layout(), accounts=(), port=port, host=HOST,
-                           persistence=None, anonymous=True)
-    with open(conf, "a") as f:
-        f.write("max_connections -1\n")
-        for line in extra:
-            f.write(line + "\n")
-    b = Broker(kind="mosquitto", host=HOST, port=port, workdir=workdir, conf=conf, layout=None,
-               accounts={}, anonymous=True, log_path=workdir / "broker.log")
-    b._argv = [mosquitto_binary(), "-c", str(conf)]
-    b._spawn()
-    b._wait_ready()
-    return b
+    return brokers.start_mosquitto(workdir, persistence=False)
 
 
 def start_broker(kind: str, workdir: Path) -> Broker:
@@ -271,39 +262,15 @@ def cpu_seconds(pid: int) -> float:
 # -- MQTT helpers --------------------------------------------------------------
 
 def mqtt_client(client_id: str, clean: bool = True, inflight: int = 0) -> mqtt.Client:
-    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean,
-                    protocol=mqtt.MQTTv311)
-    c.max_inflight_messages_set(inflight)
-    c.max_queued_messages_set(0)
-    return c
+    """A plain paho client (shared.hostmqtt's settings) for the open broker."""
+    return client(BrokerSettings(), client_id, clean_session=clean, inflight=inflight)
 
 
-def connect_wait(c: mqtt.Client, host: str, port: int, subs: list[str] = (),
+def connect_wait(c: mqtt.Client, host: str, port: int, subs: Iterable[str] = (),
                  timeout: float = 20.0) -> mqtt.Client:
-    """Connect, start the network thread, subscribe (QoS 1) and wait for
-    the SUBACK."""
-    done = threading.Event()
-
-    def on_connect(client, userdata, flags, reason, props):
-        if subs:
-            client.subscribe([(s, 1) for s in subs])
-        else:
-            done.set()
-
-    c.on_connect = on_connect
-    c.on_subscribe = lambda *a: done.set()
-    c.connect(host, port, 120)
-    c.loop_start()
-    if not done.wait(timeout):
-        raise RuntimeError(f"MQTT client {c._client_id!r} did not connect/subscribe")
-    return c
-
-
-def close(c: mqtt.Client) -> None:
-    try:
-        c.disconnect()
-    finally:
-        c.loop_stop()
+    """tests.dap_helpers.connect_wait, with a keepalive long enough for a
+    busy benchmark."""
+    return dap_helpers.connect_wait(c, host, port, subs, keepalive=120, timeout=timeout)
 
 
 def create_session(host: str, port: int, client_id: str, subs: list[str]) -> None:
@@ -383,35 +350,40 @@ def publish_all(host: str, port: int, messages: list[tuple[str, bytes]], clients
 
 def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.05,
              procs: Iterable[Proc] = ()) -> Any:
-    end = time.monotonic() + timeout
-    while True:
-        got = pred()
-        if got:
-            return got
+    """tests.waits.wait_until (AssertionError on timeout) that also stops
+    at once, with its log, if one of `procs` has exited."""
+    procs = list(procs)
+
+    def exited() -> None:
         for p in procs:
             if not p.alive():
                 raise RuntimeError(f"{p.name} exited while waiting for {what}:\n{p.tail()}")
-        if time.monotonic() > end:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
+
+    return wait_until(pred, timeout, what, interval, fail=exited)
 
 
-def stored_span(db: Path, since: float = 0.0) -> tuple[int, float, float, int]:
-    """(rows, first received_at, last received_at, rows of the last batch)
-    of a head-end store. received_at is the time each ingest batch started,
-    so (rows - last batch) / (last - first) is the rate, with no polling."""
-    import sqlite3
-
+def _span(db: Path, table: str, column: str, since: float) -> tuple[int, float, float, int]:
+    """(rows, first, last time, rows at the last time) of `table` since
+    `since`, by `column`: the time each batch of the writer began, so
+    (rows - last batch) / (last - first) is the rate, with no polling.
+    All zeros while the table does not exist yet."""
     con = sqlite3.connect(db, timeout=30)
     try:
-        n, lo, hi = con.execute(
-            "SELECT count(*), min(received_at), max(received_at) FROM readings "
-            "WHERE received_at >= ?", (since,)).fetchone()
-        last = con.execute("SELECT count(*) FROM readings WHERE received_at = ?",
+        n, lo, hi = con.execute(f"SELECT count(*), min({column}), max({column}) FROM {table} "
+                                f"WHERE {column} >= ?", (since,)).fetchone()
+        last = con.execute(f"SELECT count(*) FROM {table} WHERE {column} = ?",
                            (hi,)).fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0, 0.0, 0.0, 0
     finally:
         con.close()
     return int(n), float(lo or 0.0), float(hi or 0.0), int(last)
+
+
+def stored_span(db: Path, since: float = 0.0) -> tuple[int, float, float, int]:
+    """(rows, first, last received_at, rows of the last batch) of a
+    head-end store."""
+    return _span(db, "readings", "received_at", since)
 
 
 class ChildLines:
@@ -490,17 +462,5 @@ def clear_session(host: str, port: int, client_id: str) -> None:
 
 def dap_queue_span(site: Site, dap: int, since: float) -> tuple[int, float, float, int]:
     """(envelopes, first, last received, envelopes of the last batch) in a
-    DAP's disk queue since `since` (received: when the DAP's batch began)."""
-    import sqlite3
-
-    con = sqlite3.connect(site.dap_home(dap) / "state" / "queue.sqlite3", timeout=30)
-    try:
-        n, lo, hi = con.execute("SELECT count(*), min(received), max(received) FROM envelopes "
-                                "WHERE received >= ?", (since,)).fetchone()
-        last = con.execute("SELECT count(*) FROM envelopes WHERE received = ?",
-                           (hi,)).fetchone()[0]
-    except sqlite3.OperationalError:
-        return 0, 0.0, 0.0, 0
-    finally:
-        con.close()
-    return int(n), float(lo or 0.0), float(hi or 0.0), int(last)
+    DAP's disk queue since `since`."""
+    return _span(site.dap_home(dap) / "state" / "queue.sqlite3", "envelopes", "received", since)

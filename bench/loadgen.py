@@ -15,23 +15,16 @@ from shared import gateway, topics
 from shared.backend import NATIVE
 from shared.channel import Channel
 from shared.const import T_CURRENT, UP
+from tests.dap_helpers import Counter
 
 T0 = 1767229200
 
-
-class _Ctr:
-    def __init__(self, start: int = 0) -> None:
-        self.v = start
-
-    def next(self) -> int:
-        self.v += 1
-        return self.v - 1
 
 
 class Sealer:
     def __init__(self, site: Site, meters: list[int], counter_base: int = 1000) -> None:
         self.chans = {m: Channel(NATIVE, NATIVE.beforenm(site.public_key, site.meter_secret[m]),
-                                 m, UP, _Ctr(counter_base)) for m in meters}
+                                 m, UP, Counter(counter_base)) for m in meters}
         self.meters = meters
         self.round = 0
 

@@ -115,8 +115,7 @@ def run(quick: bool, workdir: Path, only) -> dict:
         t = time.monotonic()
         log(f"{meters} meters connecting in {PROCS} processes")
         fleets = start_fleets(site, ids, PROCS, workdir, logs, host, port)
-        wait_for(lambda: site.store.db.execute("SELECT count(*) FROM meters WHERE online = 1")
-                 .fetchone()[0] >= meters, 600, "every birth at the head-end", 0.5, [he, dap])
+        wait_for(lambda: site.store.online_count() >= meters, 600, "every birth at the head-end", 0.5, [he, dap])
         connect_s = time.monotonic() - t
         log(f"  online and births stored in {connect_s:.1f} s")
         time.sleep(2.0)  # let the broker, DAP and head-end go idle
@@ -140,8 +139,8 @@ def run(quick: bool, workdir: Path, only) -> dict:
 
             try:
                 wait_for(done, 120, "every answer", 0.05, [he, dap])
-            except TimeoutError:
-                pass
+            except AssertionError:
+                pass  # not all answered: reported as such below
             t_poll = time.time() - t_issue
             cpu = {k: round(cpu_seconds(p) - cpu0[k], 2) for k, p in pids.items()}
             rows = db.execute("SELECT issued_at, answered_at FROM requests WHERE request = ? "

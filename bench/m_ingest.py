@@ -37,28 +37,21 @@ from pathlib import Path
 
 from nacl.public import Box, PrivateKey, PublicKey
 
-from bench.common import log
+from bench.common import log, wanted
+from bench.loadgen import T0
 from headend.ingest import Ingest
 from headend.store import Store
 from shared import gateway
 from shared.backend import NATIVE
 from shared.channel import Channel
 from shared.const import T_CURRENT, T_INTERVAL, UP
+from tests.dap_helpers import Counter
 
 NAMES = ("ingest_vs_raw_open", "ingest_vs_raw_open_interval_6h")
 
 BUNDLE = 500
 BUNDLES_PER_BATCH = 4
-T0 = 1767229200
 
-
-class _Ctr:
-    def __init__(self) -> None:
-        self.v = 0
-
-    def next(self) -> int:
-        self.v += 1
-        return self.v - 1
 
 
 def _bodies(kind: str, m: int, r: int) -> tuple[int, list]:
@@ -83,7 +76,7 @@ def _run_kind(kind: str, workdir: Path, meters: int, reps: int, rounds: int) -> 
     secrets = {m: PrivateKey.generate() for m in ids}
     store.add_meters([(m, bytes(secrets[m].public_key), 1, 1, 900) for m in ids])
     chans = {m: Channel(NATIVE, NATIVE.beforenm(bytes(he.public_key), bytes(secrets[m])), m, UP,
-                        _Ctr()) for m in ids}
+                        Counter()) for m in ids}
     boxes = {m: Box(he, PublicKey(bytes(secrets[m].public_key))) for m in ids}
     ingest = Ingest(store, bytes(he), NATIVE)
     for m in ids:  # a running head-end has every channel cached
@@ -152,7 +145,7 @@ def run(quick: bool, workdir: Path, only) -> dict:
     }
     for kind, name in (("current", "ingest_vs_raw_open"),
                        ("interval", "ingest_vs_raw_open_interval_6h")):
-        if only and not any(name.startswith(o) or o.startswith(name) for o in only):
+        if not wanted((name,), only):
             continue
         meters, reps, rounds = plan[kind]
         log(f"ingest {kind}: {meters} meters, {reps} repetitions of {rounds} round(s)")

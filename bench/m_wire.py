@@ -19,6 +19,7 @@ from shared import obis
 from shared.backend import NATIVE
 from shared.channel import Channel
 from shared.const import DOWN, T_CURRENT, T_INTERVAL, T_READ_CURRENT, UP
+from tests.dap_helpers import Counter
 
 NAMES = ("wire_bytes_current_response", "wire_bytes_request", "wire_bytes_interval_6h")
 
@@ -28,14 +29,6 @@ IMPORTS = [52, 51, 94, 75, 51, 81, 55, 50, 64, 86, 87, 100, 55, 80, 72, 88, 94, 
            56, 99, 97, 77]
 
 
-class _Ctr:
-    def __init__(self, v: int) -> None:
-        self.v = v
-
-    def next(self) -> int:
-        self.v += 1
-        return self.v - 1
-
 
 def _json(obj: object) -> int:
     return len(json.dumps(obj, separators=(",", ":")).encode())
@@ -43,8 +36,8 @@ def _json(obj: object) -> int:
 
 def run(quick: bool, workdir, only) -> dict:
     key = bytes(range(32))
-    up = Channel(NATIVE, key, 1001, UP, _Ctr(42))
-    down = Channel(NATIVE, key, 1001, DOWN, _Ctr(1000))
+    up = Channel(NATIVE, key, 1001, UP, Counter(42))
+    down = Channel(NATIVE, key, 1001, DOWN, Counter(1000))
     nonce = os.urandom(24)
     cur = up.seal(T_CURRENT, [7, TS, REGS], nonce)[1]
     req = down.seal(T_READ_CURRENT, [7, TS + 10, 0], nonce)[1]

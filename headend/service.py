@@ -127,9 +127,7 @@ class HeadEnd:
             t = threading.Thread(target=target, name=f"headend-{name}", daemon=True)
             t.start()
             self._threads.append(t)
-        connect(self.mqtt, self.broker, timeout)
-        if self.ingesting:
-            self._subscribe(self.mqtt)
+        connect(self.mqtt, self.broker, timeout)  # _on_connect subscribes
         return self
 
     def stop(self) -> None:
@@ -141,12 +139,9 @@ class HeadEnd:
         self.mqtt.disconnect()
         self.mqtt.loop_stop()
 
-    def _subscribe(self, c) -> None:
-        c.subscribe([(t, 1) for t in self.subscriptions])
-
     def _on_connect(self, c, userdata, flags, reason, properties) -> None:
         if not reason.is_failure and self.ingesting:
-            self._subscribe(c)
+            c.subscribe([(t, 1) for t in self.subscriptions])
             log.info("connected to %s:%d", self.broker.host, self.broker.port)
 
     def _on_message(self, c, userdata, msg) -> None:

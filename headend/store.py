@@ -243,18 +243,11 @@ class Store:
 
     # -- ingest --------------------------------------------------------------
 
-    def save_windows(self, db: sqlite3.Connection,
-                     windows: Iterable[tuple[int, int, int, int | None]]) -> None:
-        """(meter, top, bits, pending will) for every channel that moved."""
-        db.executemany(
-            "UPDATE meters SET win_top = ?, win_bits = ?, pending_will = ? WHERE meter = ?",
-            [(top, _bits_out(bits), will, meter) for meter, top, bits, will in windows],
-        )
-
     def save_channels(self, db: sqlite3.Connection,
                       channels: Iterable[tuple[int, int, int, int | None, float]]) -> None:
         """(meter, top, bits, pending will, last seen) for every channel that
-        moved: save_windows and mark_seen in one statement per meter."""
+        moved: its replay window and when it was last heard, in one
+        statement per meter."""
         db.executemany(
             "UPDATE meters SET win_top = ?, win_bits = ?, pending_will = ?, last_seen = ? "
             "WHERE meter = ?",
@@ -274,10 +267,6 @@ class Store:
         if full < n:
             db.executemany(_READINGS + "(?, ?, ?, ?, ?, ?, ?)", rows[full:])
         return db.total_changes - before
-
-    def mark_seen(self, db: sqlite3.Connection, seen: Iterable[tuple[int, float]]) -> None:
-        db.executemany("UPDATE meters SET last_seen = ? WHERE meter = ?",
-                       [(t, m) for m, t in seen])
 
     def set_session(self, db: sqlite3.Connection, meter: int, session: int | None,
                     online: bool, at: float) -> int | None:
@@ -386,6 +375,9 @@ class Store:
 
     def online(self) -> dict[int, bool]:
         return {m: bool(o) for m, o in self.db.execute("SELECT meter, online FROM meters")}
+
+    def online_count(self) -> int:
+        return self.db.execute("SELECT count(*) FROM meters WHERE online = 1").fetchone()[0]
 
     # -- queries -------------------------------------------------------------
 

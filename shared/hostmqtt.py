@@ -188,8 +188,8 @@ class Driver:
     socket pair, and the threads take turns on the GIL for each message
     (make bench: a sixth of the DAP's CPU per routed message).
 
-    The thread that calls events() is the loop. Other threads may publish
-    on a client (paho queues the packet) and then call wake(). Lost
+    One thread uses the clients: the one that calls events(). Only wake()
+    may be called from elsewhere (another thread, a signal handler). Lost
     connections are re-made in events(), with backoff."""
 
     def __init__(self) -> None:
@@ -201,7 +201,6 @@ class Driver:
         os.set_blocking(self._wake_w, False)
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._misc_at = 0.0
-        self._loop_thread: int | None = None
 
     def add(self, c: mqtt.Client, settings: BrokerSettings, role: str, name: str, *,
             on_message: Callable[[mqtt.Client, mqtt.MQTTMessage], None],
@@ -271,7 +270,6 @@ class Driver:
         """Wait up to `timeout` for network events and handle them: read
         (paho calls on_message), write, keepalive, reconnect, and send what
         was queued."""
-        self._loop_thread = threading.get_ident()
         now = time.monotonic()
         for link in self.links:
             if link.down and not self.closing:
@@ -398,17 +396,12 @@ class Driver:
         self._forget(sock)
 
     def _on_want_write(self, c: mqtt.Client, link: Link, sock: Any) -> None:
-        if threading.get_ident() != self._loop_thread:
-            self.wake()  # the loop sends it (flush) when it wakes
-            return
         try:
             self._sel.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, link)
         except (KeyError, ValueError):
             pass
 
     def _on_no_write(self, c: mqtt.Client, link: Link, sock: Any) -> None:
-        if threading.get_ident() != self._loop_thread:
-            return
         try:
             self._sel.modify(sock, selectors.EVENT_READ, link)
         except (KeyError, ValueError):

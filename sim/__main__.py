@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         store = Store(cfg.db)
         deadline = time.time() + 60
         while time.time() < deadline:
-            online = store.db.execute("SELECT count(*) FROM meters WHERE online = 1").fetchone()[0]
+            online = store.online_count()
             if online == 60:
                 break
             time.sleep(0.2)

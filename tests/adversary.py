@@ -31,27 +31,14 @@ from nacl.public import PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
 
 from dap import inbound
-from shared import gateway, messages, topics
+from shared import envelope, gateway, topics
+from shared import group as group_mod
 from shared.backend import DEFAULT
-from shared.channel import Channel, digest
-from shared.const import (
-    DOWN,
-    ENV_GROUP_ITEM,
-    K_FORWARD,
-    K_GROUP,
-    NONCE_BYTES,
-    T_READ_CURRENT,
-)
-from tests.waits import wait_until
+from shared.channel import Channel
+from shared.const import DOWN, K_FORWARD, K_GROUP, NONCE_BYTES, T_READ_CURRENT
+from shared.group import item as group_item
 
 B = DEFAULT
-
-# Byte ranges of a sealed envelope (docs/protocol.md §3).
-KIND = 0
-HINT = slice(1, 5)
-NONCE = slice(5, 29)
-TAG = slice(29, 45)
-CT_AT = 45
 
 # What a hook returns. Uplink hook: the bundles to send (each a list of
 # envelopes); [] drops; None means "behave honestly". Request hook: the
@@ -85,7 +72,8 @@ def with_hint(env: bytes, meter: int) -> bytes:
 
 
 def hint_of(env: bytes) -> int:
-    return int.from_bytes(env[HINT], "big")
+    """The meter-id hint of an envelope (its framing already known good)."""
+    return envelope.peek(env)[1]
 
 
 def random_box(meter: int, size: int = 62) -> bytes:
@@ -120,21 +108,15 @@ class Forger:
                           os.urandom(NONCE_BYTES))
         return wire
 
-    def group_body(self, group: int, reqid: int = 4343) -> bytes:
-        """A group-request body (clear CBOR) for a group id it chose."""
-        return messages.encode(B, group, DOWN, T_READ_CURRENT, self.next(),
-                               [reqid, int(time.time()) + 600, 0])
-
-    def group_boxes(self, body: bytes, nonce: bytes,
-                    members: list[tuple[int, bytes]]) -> list[list[Any]]:
-        """[[meter, box], ...] for a group body, each box sealed under the
-        adversary's own key with that member."""
-        return [[m, B.seal(self.key_for(pk), nonce, digest(body))] for m, pk in members]
-
-
-def group_item(meter: int, nonce: bytes, box: bytes, body: bytes) -> bytes:
-    """A group-request item as the DAP builds it (shared/group.py)."""
-    return bytes([ENV_GROUP_ITEM]) + meter.to_bytes(4, "big") + nonce + box + body
+    def group(self, group_id: int, nonce: bytes, members: list[tuple[int, bytes]],
+              reqid: int = 4343) -> tuple[bytes, list[list[Any]]]:
+        """A group request for a group id it chose, built as the head-end
+        builds one (shared.group.build) but with a box under the
+        adversary's own key for each (meter, public key) member:
+        (body, [[meter, box], ...])."""
+        return group_mod.build(B, group_id, T_READ_CURRENT, self.next(),
+                               [reqid, int(time.time()) + 600, 0],
+                               [(m, self.key_for(pk)) for m, pk in members], nonce)
 
 
 def decode_group(payload: bytes) -> tuple[int, int, bytes, bytes, list[list[Any]]]:
@@ -161,7 +143,6 @@ class MaliciousDap:
         self.seen: list[Seen] = []
         self.uplinks: list[tuple[float, int, bytes]] = []   # (time, meter, envelope)
         self.requests: list[tuple[float, bytes]] = []       # d<k>/req payloads
-        self.acks: list[tuple[float, bytes]] = []
         self.bundles: list[tuple[float, int, list[bytes]]] = []  # what it sent upstream
         self.deliveries: list[tuple[float, str, bytes]] = []     # what it sent downstream
         self.errors: list[str] = []
@@ -225,9 +206,6 @@ class MaliciousDap:
                 out = hook(payload) if hook is not None else None
                 for topic, p in (self.fan_out(payload) if out is None else out):
                     self.publish(topic, p, wait=False)
-            elif leaf == "ack":
-                with self._lock:
-                    self.acks.append((now, payload))
         except Exception as e:  # a broken hook must show up in the test, not hang it
             self.errors.append(f"{msg.topic}: {e!r}")
 
@@ -237,6 +215,11 @@ class MaliciousDap:
         return [(d.topic, d.payload) for d in req.deliveries]
 
     # -- sending -----------------------------------------------------------------
+
+    def relay_request(self, payload: bytes) -> None:
+        """Deliver a d<k>/req message as the real DAP does, now."""
+        for topic, p in self.fan_out(payload):
+            self.publish(topic, p)
 
     def next_seq(self) -> int:
         with self._lock:
@@ -315,7 +298,6 @@ class Holder:
     def __init__(self, match: Callable[[int | None, bytes], bool], n: int = 1) -> None:
         self.match, self.n = match, n
         self.held: list[tuple[int | None, bytes]] = []
-        self.passed = 0
         self._lock = threading.Lock()
         self.full = threading.Event()
 
@@ -326,7 +308,6 @@ class Holder:
                 if len(self.held) == self.n:
                     self.full.set()
                 return True
-            self.passed += 1
             return False
 
     def uplink(self, meter: int, env: bytes) -> list[list[bytes]] | None:
@@ -337,7 +318,6 @@ class Holder:
 
 
 __all__ = [
-    "CT_AT", "HINT", "KIND", "NONCE", "TAG", "Forger", "Holder", "MaliciousDap",
-    "Seen", "decode_group", "flip", "group_item", "hint_of", "random_box",
-    "wait_until", "with_hint",
+    "Forger", "Holder", "MaliciousDap", "Seen", "decode_group", "flip", "group_item",
+    "hint_of", "random_box", "with_hint",
 ]

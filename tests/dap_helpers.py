@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -64,26 +65,42 @@ def connect(host: str, port: int, client_id: str, on_message=None,
     c.max_inflight_messages_set(1000)
     if on_message is not None:
         c.on_message = on_message
-    subscribed = threading.Event()
     c.reconnect_delay_set(0.2, 2)
+    return connect_wait(c, host, port, subs)
+
+
+def connect_wait(c: mqtt.Client, host: str, port: int, subs: Iterable[str] = (), *,
+                 keepalive: int = 30, timeout: float = 15.0) -> mqtt.Client:
+    """Connect a plain paho client, start its network thread and wait for
+    the CONNACK (accepted) and, with `subs`, the SUBACK (QoS 1; subscribed
+    again after every reconnect: a clean session forgets them)."""
+    subs = list(subs)
+    done = threading.Event()
+    refused: list[object] = []
 
     def on_connect(client, userdata, flags, reason, properties):
-        if subs:  # again after every reconnect: a clean session forgets them
+        if reason.is_failure:
+            refused.append(reason)
+            done.set()
+        elif subs:
             client.subscribe([(s, 1) for s in subs])
         else:
-            subscribed.set()
+            done.set()
 
     c.on_connect = on_connect
-    c.on_subscribe = lambda *a: subscribed.set()
-    c.connect(host, port, 30)
+    c.on_subscribe = lambda *a: done.set()
+    c.connect(host, port, keepalive)
     c.loop_start()
-    assert subscribed.wait(15), f"no CONNACK or SUBACK from {host}:{port}"
+    assert done.wait(timeout), f"no CONNACK or SUBACK from {host}:{port}"
+    assert not refused, f"{host}:{port} refused the connection: {refused[0]}"
     return c
 
 
 def close(c: mqtt.Client) -> None:
-    c.disconnect()
-    c.loop_stop()
+    try:
+        c.disconnect()
+    finally:
+        c.loop_stop()
 
 
 class Meters:

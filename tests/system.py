@@ -118,7 +118,7 @@ class System:
         wait_until(lambda: self.online() == n, 60, f"{n} meters online")
 
     def online(self) -> int:
-        return self.store.db.execute("SELECT count(*) FROM meters WHERE online = 1").fetchone()[0]
+        return self.store.online_count()
 
     def password(self, username: str) -> str:
         return self.broker.accounts[username].password

@@ -68,10 +68,10 @@ from tests.adversary import (
     group_item,
     hint_of,
     random_box,
-    wait_until,
     with_hint,
 )
 from tests.brokers import start_broker
+from tests.waits import wait_until
 
 B = DEFAULT
 DAP = 1
@@ -619,8 +619,7 @@ def test_forged_requests_get_no_answer(world: World) -> None:
     w.dap.deliver(x, forger.request(x, w.public_key(x)))
     w.dap.deliver(x, with_hint(req_y, x))       # re-addressed to x
     w.dap.deliver(x, req_y)                     # y's request on x's topic, unchanged
-    for topic, p in w.dap.fan_out(hold_y.held[0][1]):
-        w.dap.publish(topic, p)                  # y still gets its own request
+    w.dap.relay_request(hold_y.held[0][1])  # y still gets its own request
     assert hy.wait(WAIT) == {y: "answered"}
     w.read(x, w.fresh())
     d = w.delta(s0)
@@ -656,14 +655,13 @@ def test_forged_group_requests_are_rejected(world: World) -> None:
         w.dap.deliver(m, group_item(m, nonce, box[m], altered))
     w.dap.deliver(y, group_item(y, nonce, box[x], body))   # x's entry, re-addressed to y
     w.dap.deliver(y, group_item(x, nonce, box[x], body))   # x's item on y's topic
-    fake_body, fake_nonce = forger.group_body(99), os.urandom(24)
-    fake = {m: b for m, b in forger.group_boxes(fake_body, fake_nonce,
-                                                [(m, w.public_key(m)) for m in METERS])}
+    fake_nonce = os.urandom(24)
+    fake_body, fake_entries = forger.group(99, fake_nonce, [(m, w.public_key(m)) for m in METERS])
+    fake = {m: b for m, b in fake_entries}
     for m in METERS:
         w.dap.deliver(m, group_item(m, fake_nonce, os.urandom(32), fake_body))
         w.dap.deliver(m, group_item(m, fake_nonce, fake[m], fake_body))
-    for topic, p in w.dap.fan_out(genuine):
-        w.dap.publish(topic, p)
+    w.dap.relay_request(genuine)
     assert h.wait(WAIT) == {m: "answered" for m in METERS}
     d = w.delta(s0)
     for m in METERS:
@@ -689,15 +687,13 @@ def test_replayed_group_request_is_rejected(world: World) -> None:
     assert h.wait(WAIT) == {m: "answered" for m in METERS}
     old = w.dap.group_requests(t0)[-1]
     s0 = w.snap()
-    for topic, p in w.dap.fan_out(old):
-        w.dap.publish(topic, p)
+    w.dap.relay_request(old)
     # Other head-end processes sending 2 windows' worth of requests, as far
     # as the meters can tell: the shared downlink counter jumps ahead.
     w.store.reserve("downlink", 2 * REPLAY_WINDOW)
     h2 = w.he.read_group(GROUP, CUR, "fanout")
     assert h2.wait(WAIT) == {m: "answered" for m in METERS}
-    for topic, p in w.dap.fan_out(old):
-        w.dap.publish(topic, p)
+    w.dap.relay_request(old)
     h3 = w.he.read_group(GROUP, CUR, "fanout")   # barrier
     assert h3.wait(WAIT) == {m: "answered" for m in METERS}
     d = w.delta(s0)
@@ -776,8 +772,7 @@ def test_reordered_requests_within_and_beyond_the_window(world: World) -> None:
     assert hold.full.wait(WAIT)
     w.dap.request_hook = None
     w.read(x, sb)
-    for topic, p in w.dap.fan_out(hold.held[0][1]):
-        w.dap.publish(topic, p)
+    w.dap.relay_request(hold.held[0][1])
     assert ha.wait(WAIT) == {x: "answered"} and w.attempts(ha, x) == 1
     d1 = w.delta(s0)
     assert d1.meter(x) == {"requests": 2, "responses": 2}
@@ -791,8 +786,7 @@ def test_reordered_requests_within_and_beyond_the_window(world: World) -> None:
     w.dap.request_hook = None
     w.store.reserve("downlink", 2 * REPLAY_WINDOW)
     w.read(x, w.fresh())
-    for topic, p in w.dap.fan_out(hold.held[0][1]):
-        w.dap.publish(topic, p)
+    w.dap.relay_request(hold.held[0][1])
     assert hc.wait(WAIT) == {x: "answered"}    # by the re-send
     w.read(x, w.fresh())                         # barrier
     d2 = w.delta(s1)
@@ -864,8 +858,7 @@ def test_delays(world: World) -> None:
         late = w.fresh()
         h2 = w.he.read(x, late)
         assert h2.wait(WAIT) == {x: "timeout"}
-        for topic, p in w.dap.fan_out(hold.held[0][1]):
-            w.dap.publish(topic, p)
+        w.dap.relay_request(hold.held[0][1])
         wait_until(lambda: w.status(h2, x) == "expired", WAIT, "the meter's 'expired' status")
     finally:
         w.he.retries = 2
@@ -893,8 +886,7 @@ def test_late_copy_of_an_answered_request_leaves_it_answered(world: World) -> No
     h = w.he.read(x, spec)
     assert h.wait(WAIT) == {x: "answered"} and w.attempts(h, x) == 2
     s0 = w.snap()
-    for topic, p in w.dap.fan_out(hold.held[0][1]):
-        w.dap.publish(topic, p)
+    w.dap.relay_request(hold.held[0][1])
     w.read(x, w.fresh())  # the answer to the late copy has been ingested
     d = w.delta(s0)
     assert d.he == {} and d.meter(x) == {"requests": 2, "responses": 2}

@@ -505,15 +505,22 @@ def test_with_broker_accounts_and_acls(secured_broker, tmp_path):
         head.close()
 
 
-def test_check_wrong_password(secured_broker, tmp_path):
+# --check tries the broker and exits; the DAP itself stops at start the
+# same way, on its own network loop, instead of retrying silently.
+STARTS = [("--check", "--timeout", "5"), ()]
+
+
+@pytest.mark.parametrize("args", STARTS, ids=["check", "service"])
+def test_wrong_password(secured_broker, tmp_path, args):
     from headend.brokerconf import Account, Layout
 
     broker = secured_broker(Layout(daps=(1,)))
     cfg = write_config(tmp_path / "bad.toml", broker.port, tmp_path / "st",
                        account=Account("d1", "not-the-password"))
-    r = run_cli("--config", str(cfg), "--check", "--timeout", "5")
+    r = run_cli("--config", str(cfg), *args)
     assert r.returncode == 1
     assert f"the broker at 127.0.0.1:{broker.port} refused the connection" in r.stderr
+    assert "check the username and password" in r.stderr
 
 
 def test_check_success(world, tmp_path):
@@ -524,30 +531,11 @@ def test_check_success(world, tmp_path):
     assert r.stdout.strip().endswith("ok")
 
 
-def test_check_wrong_port(tmp_path):
+@pytest.mark.parametrize("args", STARTS, ids=["check", "service"])
+def test_wrong_port(tmp_path, args):
     port = free_port()
     cfg = write_config(tmp_path / "check.toml", port, tmp_path / "st")
-    r = run_cli("--config", str(cfg), "--check", "--timeout", "3")
-    assert r.returncode == 1
-    assert f"cannot reach the MQTT broker at 127.0.0.1:{port}" in r.stderr
-
-
-def test_service_refused_or_unreachable_exits_1_saying_why(secured_broker, tmp_path):
-    """Not only --check: the DAP itself, on its own network loop, stops at
-    start with the broker's refusal or the unreachable address, and what to
-    check, instead of retrying silently."""
-    from headend.brokerconf import Account, Layout
-
-    broker = secured_broker(Layout(daps=(1,)))
-    cfg = write_config(tmp_path / "bad.toml", broker.port, tmp_path / "st",
-                       account=Account("d1", "not-the-password"))
-    r = run_cli("--config", str(cfg))
-    assert r.returncode == 1
-    assert f"the broker at 127.0.0.1:{broker.port} refused the connection" in r.stderr
-    assert "check the username and password" in r.stderr
-    port = free_port()
-    cfg = write_config(tmp_path / "gone.toml", port, tmp_path / "st2")
-    r = run_cli("--config", str(cfg))
+    r = run_cli("--config", str(cfg), *args)
     assert r.returncode == 1
     assert f"cannot reach the MQTT broker at 127.0.0.1:{port}" in r.stderr
 

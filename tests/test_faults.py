@@ -57,8 +57,8 @@ from tests.faults import (
     replay_bundle,
     restart_broker,
     verify,
-    wait_until,
 )
+from tests.waits import wait_until
 
 CONVERGE_TIMEOUT = 240.0  # real seconds; generous: nothing here asserts a duration
 
@@ -165,8 +165,9 @@ def test_dap_kill9_mid_buffer(kind: str, tmp_path: Path, table: list[Report]) ->
 
 # After a Mosquitto restart (persistence on) the head-end gets, for most
 # meters behind a DAP, the old session's will in the same bundle as the new
-# session's birth: the will/birth bug. amqtt keeps nothing across a
-# restart (wills and queues included), and passes.
+# session's birth; ingest applies them in arrival order, so the meter ends
+# online (the two tests at the end of this file). amqtt keeps nothing across
+# a restart (wills and queues included).
 @pytest.mark.parametrize("kind", ["mosquitto", "amqtt"])
 def test_broker_restart(kind: str, tmp_path: Path, table: list[Report]) -> None:
     with case(tmp_path, kind, "broker-restart", table) as (rig, report):
@@ -361,14 +362,12 @@ def test_slow_headend_default_queue_limits(tmp_path: Path, table: list[Report]) 
         assert lost, "no response of a direct meter was dropped: nothing was recovered by re-reads"
 
 
-# -- the bug behind the xfails above, on its own ------------------------------------------------
+# -- the will/birth order of a broker restart, on its own ----------------------------------------
 
 
-def test_will_then_next_birth_in_one_batch_leaves_meter_online(tmp_path: Path) -> None:
-    """A meter's connection drops (the broker publishes its sealed will) and
-    it reconnects at once (a new session, a new birth). Both arrive in one
-    ingest batch, will first, as they do in one DAP bundle. The meter is
-    connected: the head-end must hold it online, in its new session."""
+def _meter_in_session_1(tmp_path: Path) -> tuple[Store, Meter, Ingest, bytes]:
+    """Meter 7, known to a fresh store, whose first birth was ingested:
+    (store, meter, ingest, the will of that session)."""
     he_sk, m_sk = PrivateKey.generate(), PrivateKey.generate()
     store = Store(tmp_path / "headend.db")
     store.add_meters([(7, bytes(m_sk.public_key), None, None, 900)])
@@ -378,6 +377,15 @@ def test_will_then_next_birth_in_one_batch_leaves_meter_online(tmp_path: Path) -
     ingest = Ingest(store, bytes(he_sk))
     will1, birth1 = meter.connect(SIM_START, os.urandom)
     ingest.process([("m7/up", birth1)], SIM_START)
+    return store, meter, ingest, will1
+
+
+def test_will_then_next_birth_in_one_batch_leaves_meter_online(tmp_path: Path) -> None:
+    """A meter's connection drops (the broker publishes its sealed will) and
+    it reconnects at once (a new session, a new birth). Both arrive in one
+    ingest batch, will first, as they do in one DAP bundle. The meter is
+    connected: the head-end must hold it online, in its new session."""
+    store, meter, ingest, will1 = _meter_in_session_1(tmp_path)
     assert store.db.execute("SELECT session, online FROM meters").fetchone() == (1, 1)
     _, birth2 = meter.connect(SIM_START + 60, os.urandom)
     batch = ingest.process([("m7/up", will1), ("m7/up", birth2)], SIM_START + 60)
@@ -388,15 +396,7 @@ def test_will_then_next_birth_in_one_batch_leaves_meter_online(tmp_path: Path) -
 def test_will_and_next_birth_in_separate_batches_leave_meter_online(tmp_path: Path) -> None:
     """The same messages one batch apart: the meter ends up online (the
     control for the test above)."""
-    he_sk, m_sk = PrivateKey.generate(), PrivateKey.generate()
-    store = Store(tmp_path / "headend.db")
-    store.add_meters([(7, bytes(m_sk.public_key), None, None, 900)])
-    meter = Meter(7, DEFAULT.beforenm(bytes(he_sk.public_key), bytes(m_sk)), DEFAULT,
-                  MemoryFlash(), SimulatedLoad(7), 900)
-    meter.catch_up(SIM_START)
-    ingest = Ingest(store, bytes(he_sk))
-    will1, birth1 = meter.connect(SIM_START, os.urandom)
-    ingest.process([("m7/up", birth1)], SIM_START)
+    store, meter, ingest, will1 = _meter_in_session_1(tmp_path)
     _, birth2 = meter.connect(SIM_START + 60, os.urandom)
     ingest.process([("m7/up", will1)], SIM_START + 60)
     ingest.process([("m7/up", birth2)], SIM_START + 60)

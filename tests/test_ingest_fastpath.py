@@ -20,6 +20,7 @@ from shared.backend import NATIVE
 from shared.channel import Channel
 from shared.const import DOWN, T_BIRTH, T_CURRENT, T_INTERVAL, T_STATUS, UP
 from shared.errors import DecodeError
+from tests import dap_helpers
 
 U32 = 0xFFFFFFFF
 ints = st.one_of(st.integers(0, 20), st.sampled_from([0, 1, 4, 5, 6, 7, 95, 96, 97, U32, U32 + 1]),
@@ -83,18 +84,10 @@ def test_other_types_always_take_the_general_path() -> None:
         assert not _body_ok(mtype, [1, 2, 3, 4, 5])
 
 
-class _Ctr:
-    def __init__(self, v: int = 0) -> None:
-        self.v = v
-
-    def next(self) -> int:
-        self.v += 1
-        return self.v - 1
-
 
 def _messages(he: PrivateKey, secrets: dict[int, PrivateKey]) -> list[tuple[str, bytes]]:
     """A batch mixing good envelopes with every kind of bad one."""
-    chans = {m: Channel(NATIVE, NATIVE.beforenm(bytes(he.public_key), bytes(sk)), m, UP, _Ctr())
+    chans = {m: Channel(NATIVE, NATIVE.beforenm(bytes(he.public_key), bytes(sk)), m, UP, dap_helpers.Counter())
              for m, sk in secrets.items()}
     t = 1767229200
     good = [chans[m].seal(T_CURRENT, [7, t, [1, 5, 2, 0, 3, 4, 4, 2301]], os.urandom(24))[1]
@@ -105,7 +98,7 @@ def _messages(he: PrivateKey, secrets: dict[int, PrivateKey]) -> list[tuple[str,
     tampered[-1] ^= 1
     wrong_hint = good[2][:1] + (2).to_bytes(4, "big") + good[2][5:]
     bad_body = chans[2].seal(T_CURRENT, [7, t + 1, [1, 5, 2, 0, 3, 4]], os.urandom(24))[1]
-    reflected = Channel(NATIVE, chans[3].key, 3, DOWN, _Ctr()).seal(16, [1, t, 0],
+    reflected = Channel(NATIVE, chans[3].key, 3, DOWN, dap_helpers.Counter()).seal(16, [1, t, 0],
                                                                     os.urandom(24))[1]
     wrong_meter_inside = messages.encode(NATIVE, 2, UP, T_CURRENT, 50,
                                          [7, t, [1, 5, 2, 0, 3, 4, 4, 2301]])

@@ -13,6 +13,7 @@ broker's port is the TLS listener's, and nothing else listens there.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -31,9 +32,9 @@ from headend.config import HeadEndConfig
 from headend.requests import ReadSpec
 from headend.service import HeadEnd
 from shared import topics
-from shared.hostmqtt import BrokerSettings, MqttSetupError, client, connect
+from shared.hostmqtt import MqttSetupError, client, connect
 from sim.fleet import Fleet
-from tests.adversary import wait_until
+from tests.waits import wait_until
 from tests.brokers import Broker, free_port, start_mosquitto
 from tests.dap_helpers import DapProcess, run_cli
 
@@ -141,22 +142,10 @@ def test_every_client_connects_over_tls_and_a_read_works(tls: Tls) -> None:
             he.stop()
 
 
-class Lines(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-    def text(self) -> str:
-        return "\n".join(self.lines)
-
-
-def test_a_client_with_the_wrong_ca_is_refused_with_a_clear_error(tls: Tls) -> None:
+def test_a_client_with_the_wrong_ca_is_refused_with_a_clear_error(
+        tls: Tls, caplog: pytest.LogCaptureFixture) -> None:
     cfg = HeadEndConfig.load(tls.site)
-    wrong = BrokerSettings(host=cfg.broker.host, port=tls.tls_port, username=cfg.broker.username,
-                           password=cfg.broker.password, tls_ca=tls.other_ca)
+    wrong = dataclasses.replace(cfg.broker, port=tls.tls_port, tls_ca=tls.other_ca)
     # the head-end
     he = HeadEnd(cfg.db, cfg.secret_key, wrong)
     try:
@@ -183,25 +172,18 @@ def test_a_client_with_the_wrong_ca_is_refused_with_a_clear_error(tls: Tls) -> N
     assert dap.proc.returncode == 1
     assert "certificate verify failed" in dap.log()
     # a host meter: it never connects, and says why on every attempt
-    lines = Lines()
-    fleet_log = logging.getLogger("sim.fleet")
-    level = fleet_log.level
-    fleet_log.addHandler(lines)
-    fleet_log.setLevel(logging.DEBUG)  # the fleet reports it at DEBUG only
+    caplog.set_level(logging.DEBUG, logger="sim.fleet")
     fleet = Fleet()
     fleet.add(meter_json(tls.site, DIRECT, tls.other_ca))
     fleet.start()
     try:
-        wait_until(lambda: "certificate verify failed" in lines.text(), WAIT,
+        wait_until(lambda: "certificate verify failed" in caplog.text, WAIT,
                    "the meter's connection to fail verification")
         assert not fleet.meters[DIRECT].connected
     finally:
         fleet.stop(goodbye=False)
-        fleet_log.removeHandler(lines)
-        fleet_log.setLevel(level)
     # and the right CA on a plain client, for contrast: it connects
-    right = BrokerSettings(host=cfg.broker.host, port=tls.tls_port, username=cfg.broker.username,
-                           password=cfg.broker.password, tls_ca=tls.ca)
+    right = dataclasses.replace(cfg.broker, port=tls.tls_port, tls_ca=tls.ca)
     ok = client(right, "headend-probe")
     connect(ok, right, 10)
     ok.disconnect()
