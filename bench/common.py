@@ -14,6 +14,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import queue
 import resource
 import shutil
 import sqlite3
@@ -398,6 +399,19 @@ class ChildLines:
                                   stdout=subprocess.PIPE, stderr=self._log, text=True,
                                   env={**os.environ, "PYTHONPATH": str(REPO)},
                                   start_new_session=True)
+        # One reader for the child's whole life: events wait here in order,
+        # and an expect() that timed out leaves nothing reading behind it.
+        self._events: queue.SimpleQueue[dict | None] = queue.SimpleQueue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.p.stdout is not None
+        for line in self.p.stdout:
+            try:
+                self._events.put(json.loads(line))
+            except ValueError:
+                continue
+        self._events.put(None)  # the child closed its stdout
 
     @property
     def pid(self) -> int:
@@ -410,30 +424,20 @@ class ChildLines:
 
     def expect(self, key: str, timeout: float = 120.0) -> dict:
         """The next event that has `key` (others are skipped)."""
-        assert self.p.stdout is not None
         end = time.monotonic() + timeout
-        result: list[dict] = []
-
-        def reader() -> None:
-            while True:
-                line = self.p.stdout.readline()
-                if not line:
-                    return
-                try:
-                    ev = json.loads(line)
-                except ValueError:
-                    continue
-                if key in ev:
-                    result.append(ev)
-                    return
-
-        t = threading.Thread(target=reader, daemon=True)
-        t.start()
-        t.join(max(0.0, end - time.monotonic()))
-        if not result:
-            raise TimeoutError(f"{self.name}: no {key!r} event within {timeout:.0f} s "
-                               f"(exit status {self.p.poll()})")
-        return result[0]
+        while True:
+            try:
+                ev = self._events.get(timeout=max(0.0, end - time.monotonic()))
+            except queue.Empty:
+                ev = None
+            else:
+                if ev is None:
+                    self._events.put(None)  # closed: the next expect() fails at once too
+            if ev is None:
+                raise TimeoutError(f"{self.name}: no {key!r} event within {timeout:.0f} s "
+                                   f"(exit status {self.p.poll()})")
+            if key in ev:
+                return ev
 
     def stop(self, timeout: float = 20.0) -> None:
         if self.p.poll() is None:

@@ -41,7 +41,8 @@ def main() -> None:
         if cmd == "go" and not started:
             started = True
             he.start()
-            subscribed.wait(30)
+            if not subscribed.wait(30):
+                raise SystemExit(f"{cid}: no SUBACK from {host}:{port} in 30 s")
             emit(subscribed=True)
         elif cmd == "stats":
             emit(stats={"received": he.received, "acked": he.acked, **he.ingest.totals})
