@@ -263,8 +263,10 @@ def cpu_seconds(pid: int) -> float:
 # -- MQTT helpers --------------------------------------------------------------
 
 def mqtt_client(client_id: str, clean: bool = True, inflight: int = 0) -> mqtt.Client:
-    """A plain paho client (shared.hostmqtt's settings) for the open broker."""
-    return client(BrokerSettings(), client_id, clean_session=clean, inflight=inflight)
+    """A stock paho client (shared.hostmqtt's settings, not its
+    BufferedClient) for the open broker: the baselines and the load."""
+    return client(BrokerSettings(), client_id, clean_session=clean, inflight=inflight,
+                  buffered=False)
 
 
 def connect_wait(c: mqtt.Client, host: str, port: int, subs: Iterable[str] = (),

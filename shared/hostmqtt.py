@@ -72,19 +72,153 @@ class BrokerSettings:
                    tls_ca=Path(ca) if ca else None, keepalive=int(d.get("keepalive", 30)))
 
 
+# One recv() at a packet boundary takes up to RECV_BYTES (about 180
+# readings) off the socket, and one loop_read() makes one such recv(): a
+# read stays a bounded amount of work. A DAP that took a whole backlog in
+# one read would commit and acknowledge it in one lump while the broker's
+# stream waited (dap_aggregate_vs_raw_subscribe_mosquitto fell from 1.7 to
+# 1.3 with eight reads of 64 KiB per loop_read).
+RECV_BYTES = 16384
+SEND_BYTES = 65536  # what one send() of queued packets carries at most
+
+
+class BufferedClient(mqtt.Client):
+    """paho's Client, reading its socket a buffer at a time and writing
+    queued packets together.
+
+    Stock paho reads every packet with at least three recv() calls (its
+    type byte, its length, its body) and a select() before each, and
+    sends every packet with a send() of its own: on the router path
+    (make bench, router_vs_raw_relay_mosquitto) those system calls were
+    about a quarter of the head-end's time and a sixth of the DAP's. Here
+    a recv() at a packet boundary takes up to RECV_BYTES, paho's small
+    reads are served from that buffer, and loop_read() goes on while whole
+    packets sit in it (select() cannot see them there); the rest of a
+    packet the buffer ends in is read as paho reads it, exactly what it
+    asks for. Writes: see _packet_queue and _packet_write.
+
+    It replaces paho internals (`_sock_recv`, `_packet_queue`,
+    `_packet_write`, and reads `_in_packet`, `_out_packet`), which are the
+    same across the paho 2.x releases pyproject.toml allows;
+    tests/test_hostmqtt.py runs the protocol through it against real
+    brokers, and every role's client is one (TLS: tests/test_tls.py)."""
+
+    _rbuf = b""
+    _rpos = 0
+    _rsock: Any = None
+    _may_recv = True
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        buf, pos = self._rbuf, self._rpos
+        if pos < len(buf) and self._rsock is self._sock:
+            end = pos + bufsize
+            self._rpos = end
+            return buf[pos:end] if pos or end < len(buf) else buf
+        self._rbuf = b""
+        if self._in_packet["command"]:
+            # the rest of a packet begun: what paho asks for, as paho does
+            return self._fill(bufsize)
+        if not self._may_recv:
+            # this loop_read has had its recv(): the rest waits for the next
+            # one (the socket stays readable, so select() says so)
+            raise BlockingIOError
+        self._may_recv = False
+        self._rsock = self._sock
+        buf = self._fill(RECV_BYTES)
+        self._rbuf, self._rpos = buf, bufsize
+        return buf[:bufsize]
+
+    def _fill(self, n: int) -> bytes:
+        """One recv() from the socket (paho's, with its error mapping)."""
+        return super()._sock_recv(n)
+
+    def loop_read(self, max_packets: int = 1) -> mqtt.MQTTErrorCode:
+        self._may_recv = True
+        rc = super().loop_read(max_packets)
+        while (rc == mqtt.MQTT_ERR_SUCCESS and self._rpos < len(self._rbuf)
+               and self._sock is not None and self._rsock is self._sock):
+            rc = super().loop_read(max_packets)
+        self._may_recv = True
+        return rc
+
+    def _packet_queue(self, command: int, packet: bytes | bytearray, mid: int, qos: int,
+                      info: mqtt.MQTTMessageInfo | None = None) -> mqtt.MQTTErrorCode:
+        """paho's, except that the network thread is woken (a byte on its
+        socket pair: a system call) only when the queue was empty: once
+        woken it writes until the queue is empty, so the packets queued
+        behind the first go with it."""
+        self._out_packet.append({"command": command, "mid": mid, "qos": qos, "pos": 0,
+                                 "to_process": len(packet), "packet": packet, "info": info})
+        if self._sockpairW is not None and len(self._out_packet) == 1:
+            try:
+                self._sockpairW.send(b"0")
+            except BlockingIOError:
+                pass
+        if (self._thread is None and self._on_socket_register_write is None
+                and self._in_callback_mutex.acquire(False)):
+            self._in_callback_mutex.release()
+            return self.loop_write()
+        self._call_socket_register_write()
+        return mqtt.MQTT_ERR_SUCCESS
+
+    def _packet_write(self) -> mqtt.MQTTErrorCode:
+        """paho's, except that queued QoS 1 publishes and acknowledgements
+        go out together, up to SEND_BYTES per send(): one system call where
+        paho makes one per packet. Anything else (QoS 0 publishes, which
+        call on_publish, DISCONNECT) goes through paho's own."""
+        out = self._out_packet
+        while len(out) > 1:
+            run: list[Any] = []
+            size = 0
+            while out and size < SEND_BYTES:
+                p = out[0]
+                kind = p["command"] & 0xF0
+                if kind == mqtt.DISCONNECT or (kind == mqtt.PUBLISH and p["qos"] == 0):
+                    break
+                run.append(out.popleft())
+                size += p["to_process"]
+            if len(run) < 2:
+                out.extendleft(reversed(run))
+                break
+            data = b"".join([p["packet"][p["pos"]:] if p["pos"] else p["packet"] for p in run])
+            try:
+                sent = self._sock_send(data)
+            except BlockingIOError:
+                out.extendleft(reversed(run))
+                return mqtt.MQTT_ERR_AGAIN
+            except (AttributeError, ValueError):
+                out.extendleft(reversed(run))
+                return mqtt.MQTT_ERR_SUCCESS
+            except OSError as err:
+                out.extendleft(reversed(run))
+                log.debug("send failed: %s", err)
+                return mqtt.MQTT_ERR_CONN_LOST
+            i = 0
+            while i < len(run) and sent >= run[i]["to_process"]:
+                sent -= run[i]["to_process"]
+                i += 1
+            if i < len(run):  # a partial send: the rest waits for the next write
+                run[i]["pos"] += sent
+                run[i]["to_process"] -= sent
+                out.extendleft(reversed(run[i:]))
+                break
+        return super()._packet_write()
+
+
 def client(settings: BrokerSettings, client_id: str, *, clean_session: bool = True,
            manual_ack: bool = False, will: tuple[str, bytes, bool] | None = None,
-           inflight: int = 0) -> mqtt.Client:
+           inflight: int = 0, buffered: bool = True) -> mqtt.Client:
     """A paho client set up for MQTT 3.1.1 with our settings; not yet
     connected. `will`: (topic, payload, retain), published with QoS 1.
     `inflight`: outgoing QoS 1 messages awaiting PUBACK, 0 for no limit
     (paho rescans its whole outgoing table on every PUBACK when there is a
-    limit, which costs more than the limit saves here)."""
+    limit, which costs more than the limit saves here). `buffered`: a
+    BufferedClient; False for stock paho (the benchmarks' baselines)."""
     if "+" in client_id or "#" in client_id or not client_id:
         raise ValueError(f"client id {client_id!r} is empty or has + or #")
-    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                    clean_session=clean_session, protocol=mqtt.MQTTv311,
-                    manual_ack=manual_ack)
+    c = (BufferedClient if buffered else mqtt.Client)(
+        CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session,
+        protocol=mqtt.MQTTv311, manual_ack=manual_ack)
     if settings.username is not None:
         c.username_pw_set(settings.username, settings.password)
     if settings.tls_ca is not None:
@@ -320,7 +454,8 @@ class Driver:
         when nothing of ours is in flight, so read until a pass does
         nothing (a TLS socket may hold decrypted bytes select cannot see)."""
         c = link.c
-        for _ in range(READS_PER_EVENT):
+        start = link.progress
+        while link.progress - start < READS_PER_EVENT:
             before = link.progress
             if c.loop_read() != mqtt.MQTT_ERR_SUCCESS or c.socket() is None:
                 return

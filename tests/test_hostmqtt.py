@@ -1,0 +1,241 @@
+"""shared.hostmqtt.BufferedClient: paho's Client reading its socket a
+buffer at a time, against real brokers (amqtt and Mosquitto).
+
+What must hold: every message arrives whole, once and in order, whatever
+its size (the remaining-length encoding's 1- to 3-byte boundaries, bodies
+larger than one recv() and than one loop_read()'s share); a burst that ends
+with packets sitting in the buffer is still handled, though select() no
+longer sees them; bytes left from a dropped connection are never parsed as
+the new connection's; and it makes far fewer recv() calls than paho's three
+per packet. TLS through it is covered by tests/test_tls.py (every role's
+client is a BufferedClient).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import struct
+import termios
+import threading
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from shared import hostmqtt
+from shared.hostmqtt import RECV_BYTES, BrokerSettings, BufferedClient, client
+from tests.brokers import Broker
+from tests.dap_helpers import close, connect_wait
+from tests.waits import wait_until
+
+# around every boundary of MQTT's remaining length (1, 2, 3 bytes) and of
+# the buffer, and far past it
+SIZES = [0, 1, 77, 110, 111, 112, 16_370, 16_371, 16_372, 16_384, RECV_BYTES - 1,
+         RECV_BYTES, RECV_BYTES + 1, 4 * RECV_BYTES + 5, 2_000_000]
+
+
+class Counting(BufferedClient):
+    """Counts the real recv() calls."""
+
+    fills = 0
+
+    def _fill(self, n: int) -> bytes:
+        self.fills += 1
+        return super()._fill(n)
+
+
+def _payload(i: int, size: int) -> bytes:
+    head = i.to_bytes(4, "big")
+    return (head * (size // 4 + 1))[:size] if size >= 4 else bytes([i & 0xFF]) * size
+
+
+def _receiver(cls=Counting) -> tuple[BufferedClient, list, threading.Event]:
+    c = cls(CallbackAPIVersion.VERSION2, client_id="buffered-rx", protocol=mqtt.MQTTv311)
+    return c, [], threading.Event()
+
+
+def _sender(broker: Broker) -> mqtt.Client:
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="stock-tx",
+                    protocol=mqtt.MQTTv311)
+    c.max_inflight_messages_set(0)
+    return connect_wait(c, broker.host, broker.port)
+
+
+def _run(broker: Broker, payloads: list[bytes], timeout: float = 60.0) -> tuple[list, Counting]:
+    topic = "t/buffered"
+    rx, got, done = _receiver()
+
+    def on_message(c, userdata, msg):
+        got.append(msg.payload)
+        if len(got) == len(payloads):
+            done.set()
+
+    rx.on_message = on_message
+    connect_wait(rx, broker.host, broker.port, [topic])
+    tx = _sender(broker)
+    try:
+        infos = [tx.publish(topic, p, qos=1) for p in payloads]
+        for info in infos:
+            info.wait_for_publish(timeout)
+        assert done.wait(timeout), f"{len(got)} of {len(payloads)} messages arrived"
+    finally:
+        close(tx)
+        close(rx)
+    return got, rx
+
+
+def test_every_size_arrives_whole_and_in_order(open_broker: Broker) -> None:
+    payloads = [_payload(i, size) for i, size in enumerate(SIZES)]
+    got, _ = _run(open_broker, payloads)
+    assert [len(p) for p in got] == SIZES
+    assert got == payloads
+
+
+def _pending_bytes(c: mqtt.Client) -> int:
+    return struct.unpack("i", fcntl.ioctl(c.socket(), termios.FIONREAD, b"\0" * 4))[0]
+
+
+def test_a_backlog_is_read_in_buffers_and_its_tail_is_not_left_behind(
+        open_broker: Broker) -> None:
+    """600 small messages (54 KB: what a loopback socket's default receive
+    buffer holds) wait in the receiver's socket (QoS 0, its loop paused)
+    before it reads: it takes them in a handful of recv()s where paho alone
+    makes three per message (1,800), and the last ones, which sit in the
+    buffer after the socket has gone quiet, are delivered too."""
+    topic = "t/backlog"
+    n, size = 600, 77
+    packet = 2 + 2 + len(topic) + size  # fixed header, topic, payload (QoS 0)
+    payloads = [_payload(i, size) for i in range(n)]
+    rx, got, done = _receiver()
+    subscribed = threading.Event()
+
+    def on_message(c, userdata, msg):
+        got.append(msg.payload)
+        if len(got) == n:
+            done.set()
+
+    rx.on_message = on_message
+    connect_wait(rx, open_broker.host, open_broker.port)
+    rx.on_subscribe = lambda *a: subscribed.set()
+    rx.subscribe(topic, 0)
+    assert subscribed.wait(20)
+    rx.loop_stop()  # the connection stays; nothing reads it for now
+    tx = _sender(open_broker)
+    try:
+        for info in [tx.publish(topic, p, qos=1) for p in payloads]:
+            info.wait_for_publish(60)
+        wait_until(lambda: _pending_bytes(rx) >= n * packet, 30, "the backlog in the socket",
+                   diagnose=lambda: f"{_pending_bytes(rx)} bytes of {n * packet}")
+        before = rx.fills
+        rx.loop_start()
+        # well within the 30 s keepalive, whose PINGRESP would wake a reader
+        # that left packets in its buffer
+        assert done.wait(15), f"{len(got)} of {n} messages arrived"
+    finally:
+        close(tx)
+        close(rx)
+    assert got == payloads
+    # a buffer's worth at a time, plus the rest of each packet a buffer
+    # ends in
+    assert rx.fills - before <= 2 * (n * packet // RECV_BYTES + 1), rx.fills - before
+
+
+def test_bytes_of_an_old_connection_are_dropped(open_broker: Broker) -> None:
+    """Leftovers from a socket that is gone (here: planted garbage that
+    would parse as a PUBLISH) are never read as the new connection's."""
+    topic = "t/fresh"
+    rx, got, done = _receiver(BufferedClient)
+    # a complete PUBLISH on topic t/fresh with payload "stale"
+    stale = b"\x30\x0e\x00\x07t/freshstale"
+    rx._rbuf, rx._rpos, rx._rsock = stale, 0, object()
+
+    def on_message(c, userdata, msg):
+        got.append(msg.payload)
+        done.set()
+
+    rx.on_message = on_message
+    connect_wait(rx, open_broker.host, open_broker.port, [topic])
+    tx = _sender(open_broker)
+    try:
+        tx.publish(topic, b"fresh", qos=1).wait_for_publish(20)
+        assert done.wait(20)
+    finally:
+        close(tx)
+        close(rx)
+    assert got == [b"fresh"]
+
+
+def test_the_factory_makes_buffered_clients_unless_told_not_to() -> None:
+    s = BrokerSettings()
+    assert type(client(s, "a")) is BufferedClient
+    assert type(client(s, "b", buffered=False)) is mqtt.Client
+    # the private paho methods it builds on are there in the paho installed
+    assert callable(getattr(mqtt.Client, "_sock_recv", None))
+    assert hostmqtt.RECV_BYTES >= 4096
+
+
+def test_a_body_far_larger_than_the_buffer_between_small_ones(open_broker: Broker) -> None:
+    """The rest of a packet the buffer ends in is read as paho reads it; the
+    small packets on either side are intact."""
+    payloads = [b"before", _payload(7, 40 * RECV_BYTES + 3), b"after"]
+    got, _ = _run(open_broker, payloads)
+    assert got == payloads
+
+
+class Sends(BufferedClient):
+    """Counts send() calls; with `cap`, sends at most that many bytes per
+    call, as a socket with a full send buffer does."""
+
+    sends = 0
+    cap: int | None = None
+
+    def _sock_send(self, buf: bytes | bytearray) -> int:
+        self.sends += 1
+        return super()._sock_send(buf if self.cap is None else buf[:self.cap])
+
+
+def _send_through(broker: Broker, tx: Sends, payloads: list[bytes]) -> list[bytes]:
+    """tx (a network thread of its own) publishes every payload at QoS 1;
+    a stock paho subscriber takes them."""
+    topic = "t/sent"
+    got: list[bytes] = []
+    done = threading.Event()
+    rx = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="stock-rx", protocol=mqtt.MQTTv311)
+
+    def on_message(c, userdata, msg):
+        got.append(msg.payload)
+        if len(got) == len(payloads):
+            done.set()
+
+    rx.on_message = on_message
+    connect_wait(rx, broker.host, broker.port, [topic])
+    tx.max_inflight_messages_set(0)
+    connect_wait(tx, broker.host, broker.port)
+    try:
+        infos = [tx.publish(topic, p, qos=1) for p in payloads]
+        for info in infos:
+            info.wait_for_publish(60)
+        assert done.wait(60), f"{len(got)} of {len(payloads)} messages arrived"
+    finally:
+        close(tx)
+        close(rx)
+    return got
+
+
+def test_queued_publishes_go_out_together(open_broker: Broker) -> None:
+    """2,000 QoS 1 publishes queued at once leave in far fewer send()s than
+    paho's one per packet, and arrive whole and in order."""
+    tx = Sends(CallbackAPIVersion.VERSION2, client_id="coalescing-tx", protocol=mqtt.MQTTv311)
+    payloads = [_payload(i, 77) for i in range(2000)]
+    assert _send_through(open_broker, tx, payloads) == payloads
+    assert tx.sends < len(payloads) // 4, tx.sends
+
+
+def test_partial_sends_resume_where_they_stopped(open_broker: Broker) -> None:
+    """Every send() taking at most 1,000 bytes: runs of packets are cut
+    anywhere, inside a packet's header or body, and what follows is sent
+    from exactly there (a byte lost or repeated would break the stream)."""
+    tx = Sends(CallbackAPIVersion.VERSION2, client_id="partial-tx", protocol=mqtt.MQTTv311)
+    tx.cap = 1000
+    payloads = [_payload(i, size) for i, size in
+                enumerate([77, 3, 999, 1000, 1001, 0, 20_000, 77, 5, 70_000] * 20)]
+    assert _send_through(open_broker, tx, payloads) == payloads
