@@ -99,7 +99,7 @@ class BufferedClient(mqtt.Client):
 
     It replaces paho internals (`_sock_recv`, `_packet_queue`,
     `_packet_write`, and reads `_in_packet`, `_out_packet`), which are the
-    same across the paho 2.x releases pyproject.toml allows;
+    those of the paho release line pyproject.toml allows (2.2);
     tests/test_hostmqtt.py runs the protocol through it against real
     brokers, and every role's client is one (TLS: tests/test_tls.py)."""
 

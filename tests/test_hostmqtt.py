@@ -1,14 +1,16 @@
 """shared.hostmqtt.BufferedClient: paho's Client reading its socket a
-buffer at a time, against real brokers (amqtt and Mosquitto).
+buffer at a time and sending queued packets together, against real brokers
+(amqtt and Mosquitto).
 
 What must hold: every message arrives whole, once and in order, whatever
 its size (the remaining-length encoding's 1- to 3-byte boundaries, bodies
-larger than one recv() and than one loop_read()'s share); a burst that ends
-with packets sitting in the buffer is still handled, though select() no
-longer sees them; bytes left from a dropped connection are never parsed as
-the new connection's; and it makes far fewer recv() calls than paho's three
-per packet. TLS through it is covered by tests/test_tls.py (every role's
-client is a BufferedClient).
+around and far past the buffer's size); a backlog that ends with packets
+sitting in the buffer is still handled, though select() no longer sees
+them; bytes left from a dropped connection are never parsed as the new
+connection's; it makes far fewer recv() and send() calls than paho's one or
+three per packet; and a send() that takes only part of a run of packets is
+resumed from exactly where it stopped. TLS through it is covered by
+tests/test_tls.py (every role's client is a BufferedClient).
 """
 
 from __future__ import annotations
@@ -48,21 +50,23 @@ def _payload(i: int, size: int) -> bytes:
     return (head * (size // 4 + 1))[:size] if size >= 4 else bytes([i & 0xFF]) * size
 
 
-def _receiver(cls=Counting) -> tuple[BufferedClient, list, threading.Event]:
-    c = cls(CallbackAPIVersion.VERSION2, client_id="buffered-rx", protocol=mqtt.MQTTv311)
-    return c, [], threading.Event()
+def _buffered(cls: type[BufferedClient] = Counting) -> BufferedClient:
+    return cls(CallbackAPIVersion.VERSION2, client_id="buffered-rx", protocol=mqtt.MQTTv311)
 
 
-def _sender(broker: Broker) -> mqtt.Client:
-    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="stock-tx",
-                    protocol=mqtt.MQTTv311)
+def _stock(client_id: str) -> mqtt.Client:
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311)
     c.max_inflight_messages_set(0)
-    return connect_wait(c, broker.host, broker.port)
+    return c
 
 
-def _run(broker: Broker, payloads: list[bytes], timeout: float = 60.0) -> tuple[list, Counting]:
-    topic = "t/buffered"
-    rx, got, done = _receiver()
+def _exchange(broker: Broker, tx: mqtt.Client, rx: mqtt.Client, payloads: list[bytes],
+              timeout: float = 60.0) -> list[bytes]:
+    """rx subscribes, tx publishes every payload at QoS 1 (each with a
+    network thread of its own); what rx received, in order."""
+    topic = "t/exchange"
+    got: list[bytes] = []
+    done = threading.Event()
 
     def on_message(c, userdata, msg):
         got.append(msg.payload)
@@ -71,7 +75,7 @@ def _run(broker: Broker, payloads: list[bytes], timeout: float = 60.0) -> tuple[
 
     rx.on_message = on_message
     connect_wait(rx, broker.host, broker.port, [topic])
-    tx = _sender(broker)
+    connect_wait(tx, broker.host, broker.port)
     try:
         infos = [tx.publish(topic, p, qos=1) for p in payloads]
         for info in infos:
@@ -80,7 +84,13 @@ def _run(broker: Broker, payloads: list[bytes], timeout: float = 60.0) -> tuple[
     finally:
         close(tx)
         close(rx)
-    return got, rx
+    return got
+
+
+def _run(broker: Broker, payloads: list[bytes]) -> tuple[list[bytes], Counting]:
+    """Stock paho sends, a Counting BufferedClient receives."""
+    rx = _buffered()
+    return _exchange(broker, _stock("stock-tx"), rx, payloads), rx
 
 
 def test_every_size_arrives_whole_and_in_order(open_broker: Broker) -> None:
@@ -105,8 +115,9 @@ def test_a_backlog_is_read_in_buffers_and_its_tail_is_not_left_behind(
     n, size = 600, 77
     packet = 2 + 2 + len(topic) + size  # fixed header, topic, payload (QoS 0)
     payloads = [_payload(i, size) for i in range(n)]
-    rx, got, done = _receiver()
-    subscribed = threading.Event()
+    rx = _buffered()
+    got: list[bytes] = []
+    done, subscribed = threading.Event(), threading.Event()
 
     def on_message(c, userdata, msg):
         got.append(msg.payload)
@@ -119,7 +130,7 @@ def test_a_backlog_is_read_in_buffers_and_its_tail_is_not_left_behind(
     rx.subscribe(topic, 0)
     assert subscribed.wait(20)
     rx.loop_stop()  # the connection stays; nothing reads it for now
-    tx = _sender(open_broker)
+    tx = connect_wait(_stock("stock-tx"), open_broker.host, open_broker.port)
     try:
         for info in [tx.publish(topic, p, qos=1) for p in payloads]:
             info.wait_for_publish(60)
@@ -143,7 +154,9 @@ def test_bytes_of_an_old_connection_are_dropped(open_broker: Broker) -> None:
     """Leftovers from a socket that is gone (here: planted garbage that
     would parse as a PUBLISH) are never read as the new connection's."""
     topic = "t/fresh"
-    rx, got, done = _receiver(BufferedClient)
+    rx = _buffered(BufferedClient)
+    got: list[bytes] = []
+    done = threading.Event()
     # a complete PUBLISH on topic t/fresh with payload "stale"
     stale = b"\x30\x0e\x00\x07t/freshstale"
     rx._rbuf, rx._rpos, rx._rsock = stale, 0, object()
@@ -154,7 +167,7 @@ def test_bytes_of_an_old_connection_are_dropped(open_broker: Broker) -> None:
 
     rx.on_message = on_message
     connect_wait(rx, open_broker.host, open_broker.port, [topic])
-    tx = _sender(open_broker)
+    tx = connect_wait(_stock("stock-tx"), open_broker.host, open_broker.port)
     try:
         tx.publish(topic, b"fresh", qos=1).wait_for_publish(20)
         assert done.wait(20)
@@ -168,8 +181,11 @@ def test_the_factory_makes_buffered_clients_unless_told_not_to() -> None:
     s = BrokerSettings()
     assert type(client(s, "a")) is BufferedClient
     assert type(client(s, "b", buffered=False)) is mqtt.Client
-    # the private paho methods it builds on are there in the paho installed
-    assert callable(getattr(mqtt.Client, "_sock_recv", None))
+    # the paho internals it builds on are there in the paho installed
+    for name in ("_sock_recv", "_sock_send", "_packet_queue", "_packet_write"):
+        assert callable(getattr(mqtt.Client, name, None)), name
+    c = client(s, "c")
+    assert c._in_packet["command"] == 0 and len(c._out_packet) == 0
     assert hostmqtt.RECV_BYTES >= 4096
 
 
@@ -194,31 +210,9 @@ class Sends(BufferedClient):
 
 
 def _send_through(broker: Broker, tx: Sends, payloads: list[bytes]) -> list[bytes]:
-    """tx (a network thread of its own) publishes every payload at QoS 1;
-    a stock paho subscriber takes them."""
-    topic = "t/sent"
-    got: list[bytes] = []
-    done = threading.Event()
-    rx = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="stock-rx", protocol=mqtt.MQTTv311)
-
-    def on_message(c, userdata, msg):
-        got.append(msg.payload)
-        if len(got) == len(payloads):
-            done.set()
-
-    rx.on_message = on_message
-    connect_wait(rx, broker.host, broker.port, [topic])
+    """tx sends, a stock paho subscriber receives."""
     tx.max_inflight_messages_set(0)
-    connect_wait(tx, broker.host, broker.port)
-    try:
-        infos = [tx.publish(topic, p, qos=1) for p in payloads]
-        for info in infos:
-            info.wait_for_publish(60)
-        assert done.wait(60), f"{len(got)} of {len(payloads)} messages arrived"
-    finally:
-        close(tx)
-        close(rx)
-    return got
+    return _exchange(broker, tx, _stock("stock-rx"), payloads)
 
 
 def test_queued_publishes_go_out_together(open_broker: Broker) -> None:
