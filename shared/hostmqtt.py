@@ -98,8 +98,8 @@ class BufferedClient(mqtt.Client):
     asks for. Writes: see _packet_queue and _packet_write.
 
     It replaces paho internals (`_sock_recv`, `_packet_queue`,
-    `_packet_write`, and reads `_in_packet`, `_out_packet`), which are the
-    those of the paho release line pyproject.toml allows (2.2);
+    `_packet_write`, and reads `_in_packet`, `_out_packet`), as they are in
+    the paho release line pyproject.toml allows (2.2);
     tests/test_hostmqtt.py runs the protocol through it against real
     brokers, and every role's client is one (TLS: tests/test_tls.py)."""
 
