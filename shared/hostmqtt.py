@@ -108,6 +108,10 @@ class BufferedClient(mqtt.Client):
     _rsock: Any = None
     _may_recv = True
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._queue_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
     def _sock_recv(self, bufsize: int) -> bytes:
         buf, pos = self._rbuf, self._rpos
         if pos < len(buf) and self._rsock is self._sock:
@@ -146,10 +150,15 @@ class BufferedClient(mqtt.Client):
         """paho's, except that the network thread is woken (a byte on its
         socket pair: a system call) only when the queue was empty: once
         woken it writes until the queue is empty, so the packets queued
-        behind the first go with it."""
-        self._out_packet.append({"command": command, "mid": mid, "qos": qos, "pos": 0,
-                                 "to_process": len(packet), "packet": packet, "info": info})
-        if self._sockpairW is not None and len(self._out_packet) == 1:
+        behind the first go with it. Appending and looking are one step
+        under a lock, so that of two threads queueing at once one always
+        sees the queue it made non-empty."""
+        with self._queue_lock:
+            self._out_packet.append({"command": command, "mid": mid, "qos": qos, "pos": 0,
+                                     "to_process": len(packet), "packet": packet,
+                                     "info": info})
+            first = len(self._out_packet) == 1
+        if first and self._sockpairW is not None:
             try:
                 self._sockpairW.send(b"0")
             except BlockingIOError:
