@@ -180,11 +180,12 @@ class BufferedClient(mqtt.Client):
             run: list[Any] = []
             size = 0
             while out and size < SEND_BYTES:
-                p = out[0]
+                p = out.popleft()  # taken, then looked at: never half of two writers' runs
                 kind = p["command"] & 0xF0
                 if kind == mqtt.DISCONNECT or (kind == mqtt.PUBLISH and p["qos"] == 0):
+                    out.appendleft(p)
                     break
-                run.append(out.popleft())
+                run.append(p)
                 size += p["to_process"]
             if len(run) < 2:
                 out.extendleft(reversed(run))
@@ -200,7 +201,7 @@ class BufferedClient(mqtt.Client):
                 return mqtt.MQTT_ERR_SUCCESS
             except OSError as err:
                 out.extendleft(reversed(run))
-                log.debug("send failed: %s", err)
+                self._easy_log(mqtt.MQTT_LOG_ERR, "failed to send on socket: %s", err)
                 return mqtt.MQTT_ERR_CONN_LOST
             i = 0
             while i < len(run) and sent >= run[i]["to_process"]:
@@ -301,6 +302,11 @@ def connect(c: mqtt.Client, settings: BrokerSettings, timeout: float = 15.0) -> 
 MISC_EVERY = 1.0  # seconds between keepalive checks
 READS_PER_EVENT = 256  # packets read from a readable socket before the next select
 BACKOFF_MIN, BACKOFF_MAX = 1.0, 30.0  # seconds between reconnection attempts
+
+
+def _tls_pending(sock: Any) -> bool:
+    """Decrypted bytes an SSL socket holds, which select() cannot see."""
+    return sock is not None and hasattr(sock, "pending") and sock.pending() > 0
 
 
 class Link:
@@ -418,6 +424,11 @@ class Driver:
             if link.down and not self.closing:
                 timeout = min(timeout, max(0.0, link.retry_at - now))
         timeout = min(timeout, max(0.0, self._misc_at - now))
+        # decrypted TLS bytes a read left behind (at READS_PER_EVENT) are
+        # invisible to select(): read them now, whatever select() says
+        held = [link for link in self.links if _tls_pending(link.c.socket())]
+        if held:
+            timeout = 0.0
         for key, mask in self._sel.select(timeout):
             link = key.data
             if link is None:
@@ -428,8 +439,13 @@ class Driver:
                 continue
             if mask & selectors.EVENT_READ:
                 self._read(link)
+                if link in held:
+                    held.remove(link)
             if mask & selectors.EVENT_WRITE and link.c.socket() is not None:
                 link.c.loop_write()
+        for link in held:
+            if link.c.socket() is not None:
+                self._read(link)
         now = time.monotonic()
         if now >= self._misc_at:
             self._misc_at = now + MISC_EVERY
@@ -468,10 +484,8 @@ class Driver:
             before = link.progress
             if c.loop_read() != mqtt.MQTT_ERR_SUCCESS or c.socket() is None:
                 return
-            if link.progress == before:
-                sock = c.socket()
-                if not (hasattr(sock, "pending") and sock.pending()):
-                    return
+            if link.progress == before and not _tls_pending(c.socket()):
+                return
 
     def _reconnect(self, link: Link, now: float) -> None:
         link.down = False
