@@ -326,3 +326,54 @@ def test_qos0_publishes_between_runs_complete(open_broker: Broker) -> None:
         close(rx)
     assert sorted(got) == sorted(payloads)  # QoS 0 and 1 may pass each other at the broker
     assert sorted(published) == sorted(info.mid for info in infos)
+
+
+class HeldBytes:
+    """A socket like an SSLSocket that holds decrypted bytes: recv() serves
+    them and pending() counts them, while select() on its file descriptor
+    (one end of a quiet socket pair) sees nothing."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = bytearray(data)
+        self.quiet, self.peer = socket.socketpair()
+
+    def recv(self, n: int) -> bytes:
+        if not self.data:
+            raise BlockingIOError
+        out = bytes(self.data[:n])
+        del self.data[:n]
+        return out
+
+    def pending(self) -> int:
+        return len(self.data)
+
+    def fileno(self) -> int:
+        return self.quiet.fileno()
+
+    def close(self) -> None:
+        self.quiet.close()
+        self.peer.close()
+
+
+def test_the_driver_reads_tls_bytes_a_capped_read_left_behind(monkeypatch) -> None:
+    """A read stops after READS_PER_EVENT packets; what the TLS layer still
+    holds is read by the next events() though select() stays quiet (the
+    peer sends nothing more). Stock paho, which reads a byte at a time,
+    leaves the most behind."""
+    monkeypatch.setattr(hostmqtt, "READS_PER_EVENT", 1)
+    payloads = [bytes([i]) * 10 for i in range(5)]
+    held = HeldBytes(b"".join(_publish_packet("t/h", p) for p in payloads))
+    got: list[bytes] = []
+    driver = hostmqtt.Driver()
+    c = _stock("held")
+    link = driver.add(c, BrokerSettings(), "test broker", "held",
+                      on_message=lambda cl, msg: got.append(msg.payload))
+    c._sock = held  # as paho's connect leaves it, without the CONNECT exchange
+    driver._on_socket_open(c, link, held)
+    try:
+        for _ in range(len(payloads)):
+            driver.events(0.01)
+        assert got == payloads
+        assert held.pending() == 0
+    finally:
+        driver.close()  # closes the held socket too
