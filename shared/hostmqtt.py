@@ -142,7 +142,6 @@ class BufferedClient(mqtt.Client):
         while (rc == mqtt.MQTT_ERR_SUCCESS and self._rpos < len(self._rbuf)
                and self._sock is not None and self._rsock is self._sock):
             rc = super().loop_read(max_packets)
-        self._may_recv = True
         return rc
 
     def _packet_queue(self, command: int, packet: bytes | bytearray, mid: int, qos: int,
@@ -425,9 +424,8 @@ class Driver:
                 timeout = min(timeout, max(0.0, link.retry_at - now))
         timeout = min(timeout, max(0.0, self._misc_at - now))
         # decrypted TLS bytes a read left behind (at READS_PER_EVENT) are
-        # invisible to select(): read them now, whatever select() says
-        held = [link for link in self.links if _tls_pending(link.c.socket())]
-        if held:
+        # invisible to select(): don't wait while there are any
+        if any(_tls_pending(link.c.socket()) for link in self.links):
             timeout = 0.0
         for key, mask in self._sel.select(timeout):
             link = key.data
@@ -439,12 +437,10 @@ class Driver:
                 continue
             if mask & selectors.EVENT_READ:
                 self._read(link)
-                if link in held:
-                    held.remove(link)
             if mask & selectors.EVENT_WRITE and link.c.socket() is not None:
                 link.c.loop_write()
-        for link in held:
-            if link.c.socket() is not None:
+        for link in self.links:  # ...and read them, whatever select() said
+            if _tls_pending(link.c.socket()):
                 self._read(link)
         now = time.monotonic()
         if now >= self._misc_at:
@@ -475,9 +471,10 @@ class Driver:
         return True
 
     def _read(self, link: Link) -> None:
-        """Read what the socket holds: paho's loop_read takes one packet
-        when nothing of ours is in flight, so read until a pass does
-        nothing (a TLS socket may hold decrypted bytes select cannot see)."""
+        """Read what the socket holds, up to READS_PER_EVENT packets:
+        paho's loop_read takes one packet when nothing of ours is in flight,
+        so read until a pass does nothing (a TLS socket may hold decrypted
+        bytes select cannot see)."""
         c = link.c
         start = link.progress
         while link.progress - start < READS_PER_EVENT:
