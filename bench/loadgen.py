@@ -20,7 +20,6 @@ from tests.dap_helpers import Counter
 T0 = 1767229200
 
 
-
 class Sealer:
     def __init__(self, site: Site, meters: list[int], counter_base: int = 1000) -> None:
         self.chans = {m: Channel(NATIVE, NATIVE.beforenm(site.public_key, site.meter_secret[m]),

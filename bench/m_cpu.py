@@ -140,7 +140,8 @@ def _one_broker(kind: str, quick: bool, workdir: Path) -> dict:
         dap = start_dap(site, 1, logs)
         log(f"{kind}: {meters} meters connecting ({nfleet} fleet process(es))")
         fleets = start_fleets(site, ids, nfleet, workdir, logs, host, port)
-        wait_for(lambda: site.store.online_count() >= meters, 300, "every birth at the head-end", 0.2, [he, dap])
+        wait_for(lambda: site.store.online_count() >= meters, 300, "every birth at the head-end",
+                 0.2, [he, dap])
         obs = Observer(host, port, topics.dap_up(1))
         pub = connect_wait(mqtt_client("headend-bench-requests"), host, port)
         req = Requester(site.store, site.secret_key, NATIVE)

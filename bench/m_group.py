@@ -115,7 +115,8 @@ def run(quick: bool, workdir: Path, only) -> dict:
         t = time.monotonic()
         log(f"{meters} meters connecting in {PROCS} processes")
         fleets = start_fleets(site, ids, PROCS, workdir, logs, host, port)
-        wait_for(lambda: site.store.online_count() >= meters, 600, "every birth at the head-end", 0.5, [he, dap])
+        wait_for(lambda: site.store.online_count() >= meters, 600, "every birth at the head-end",
+                 0.5, [he, dap])
         connect_s = time.monotonic() - t
         log(f"  online and births stored in {connect_s:.1f} s")
         time.sleep(2.0)  # let the broker, DAP and head-end go idle

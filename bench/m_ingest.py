@@ -53,7 +53,6 @@ BUNDLE = 500
 BUNDLES_PER_BATCH = 4
 
 
-
 def _bodies(kind: str, m: int, r: int) -> tuple[int, list]:
     if kind == "current":
         return T_CURRENT, [r, T0 + 900 * r, [1, 3304512 + 37 * r + m, 2, m % 7, 3, 412 + r % 50,

@@ -29,7 +29,6 @@ IMPORTS = [52, 51, 94, 75, 51, 81, 55, 50, 64, 86, 87, 100, 55, 80, 72, 88, 94, 
            56, 99, 97, 77]
 
 
-
 def _json(obj: object) -> int:
     return len(json.dumps(obj, separators=(",", ":")).encode())
 

@@ -22,6 +22,7 @@ import socket
 import struct
 import termios
 import threading
+from collections.abc import Callable
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -53,8 +54,11 @@ def _payload(i: int, size: int) -> bytes:
     return (head * (size // 4 + 1))[:size] if size >= 4 else bytes([i & 0xFF]) * size
 
 
-def _buffered(cls: type[BufferedClient] = Counting) -> BufferedClient:
-    return cls(CallbackAPIVersion.VERSION2, client_id="buffered-rx", protocol=mqtt.MQTTv311)
+def _buffered(cls: type[BufferedClient] = Counting,
+              client_id: str = "buffered-rx") -> BufferedClient:
+    c = cls(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311)
+    c.max_inflight_messages_set(0)
+    return c
 
 
 def _stock(client_id: str) -> mqtt.Client:
@@ -64,9 +68,11 @@ def _stock(client_id: str) -> mqtt.Client:
 
 
 def _exchange(broker: Broker, tx: mqtt.Client, rx: mqtt.Client, payloads: list[bytes],
-              timeout: float = 60.0) -> list[bytes]:
-    """rx subscribes, tx publishes every payload at QoS 1 (each with a
-    network thread of its own); what rx received, in order."""
+              qos: Callable[[int], int] = lambda i: 1, timeout: float = 60.0
+              ) -> tuple[list[bytes], list[mqtt.MQTTMessageInfo]]:
+    """rx subscribes, tx publishes every payload (the i-th at QoS qos(i);
+    each client with a network thread of its own) and waits until each is
+    published: what rx received, in order, and tx's publish handles."""
     topic = "t/exchange"
     got: list[bytes] = []
     done = threading.Event()
@@ -80,25 +86,29 @@ def _exchange(broker: Broker, tx: mqtt.Client, rx: mqtt.Client, payloads: list[b
     connect_wait(rx, broker.host, broker.port, [topic])
     connect_wait(tx, broker.host, broker.port)
     try:
-        infos = [tx.publish(topic, p, qos=1) for p in payloads]
+        infos = [tx.publish(topic, p, qos=qos(i)) for i, p in enumerate(payloads)]
         for info in infos:
             info.wait_for_publish(timeout)
         assert done.wait(timeout), f"{len(got)} of {len(payloads)} messages arrived"
     finally:
         close(tx)
         close(rx)
-    return got
+    return got, infos
 
 
-def _run(broker: Broker, payloads: list[bytes]) -> tuple[list[bytes], Counting]:
-    """Stock paho sends, a Counting BufferedClient receives."""
-    rx = _buffered()
-    return _exchange(broker, _stock("stock-tx"), rx, payloads), rx
+def _receive(broker: Broker, rx: BufferedClient, payloads: list[bytes]) -> list[bytes]:
+    """Stock paho sends, rx receives."""
+    return _exchange(broker, _stock("stock-tx"), rx, payloads)[0]
+
+
+def _send_through(broker: Broker, tx: BufferedClient, payloads: list[bytes]) -> list[bytes]:
+    """tx sends, a stock paho subscriber receives."""
+    return _exchange(broker, tx, _stock("stock-rx"), payloads)[0]
 
 
 def test_every_size_arrives_whole_and_in_order(open_broker: Broker) -> None:
     payloads = [_payload(i, size) for i, size in enumerate(SIZES)]
-    got, _ = _run(open_broker, payloads)
+    got = _receive(open_broker, _buffered(), payloads)
     assert [len(p) for p in got] == SIZES
     assert got == payloads
 
@@ -156,28 +166,10 @@ def test_a_backlog_is_read_in_buffers_and_its_tail_is_not_left_behind(
 def test_bytes_of_an_old_connection_are_dropped(open_broker: Broker) -> None:
     """Leftovers from a socket that is gone (here: planted garbage that
     would parse as a PUBLISH) are never read as the new connection's."""
-    topic = "t/fresh"
     rx = _buffered(BufferedClient)
-    got: list[bytes] = []
-    done = threading.Event()
     # a complete PUBLISH on topic t/fresh with payload "stale"
-    stale = b"\x30\x0e\x00\x07t/freshstale"
-    rx._rbuf, rx._rpos, rx._rsock = stale, 0, object()
-
-    def on_message(c, userdata, msg):
-        got.append(msg.payload)
-        done.set()
-
-    rx.on_message = on_message
-    connect_wait(rx, open_broker.host, open_broker.port, [topic])
-    tx = connect_wait(_stock("stock-tx"), open_broker.host, open_broker.port)
-    try:
-        tx.publish(topic, b"fresh", qos=1).wait_for_publish(20)
-        assert done.wait(20)
-    finally:
-        close(tx)
-        close(rx)
-    assert got == [b"fresh"]
+    rx._rbuf, rx._rpos, rx._rsock = b"\x30\x0e\x00\x07t/freshstale", 0, object()
+    assert _receive(open_broker, rx, [b"fresh"]) == [b"fresh"]
 
 
 def test_the_factory_makes_buffered_clients_unless_told_not_to() -> None:
@@ -196,7 +188,7 @@ def test_a_body_far_larger_than_the_buffer_between_small_ones(open_broker: Broke
     """The rest of a packet the buffer ends in is read as paho reads it; the
     small packets on either side are intact."""
     payloads = [b"before", _payload(7, 40 * RECV_BYTES + 3), b"after"]
-    got, _ = _run(open_broker, payloads)
+    got = _receive(open_broker, _buffered(), payloads)
     assert got == payloads
 
 
@@ -212,16 +204,10 @@ class Sends(BufferedClient):
         return super()._sock_send(buf if self.cap is None else buf[:self.cap])
 
 
-def _send_through(broker: Broker, tx: Sends, payloads: list[bytes]) -> list[bytes]:
-    """tx sends, a stock paho subscriber receives."""
-    tx.max_inflight_messages_set(0)
-    return _exchange(broker, tx, _stock("stock-rx"), payloads)
-
-
 def test_queued_publishes_go_out_together(open_broker: Broker) -> None:
     """2,000 QoS 1 publishes queued at once leave in far fewer send()s than
     paho's one per packet, and arrive whole and in order."""
-    tx = Sends(CallbackAPIVersion.VERSION2, client_id="coalescing-tx", protocol=mqtt.MQTTv311)
+    tx = _buffered(Sends, "coalescing-tx")
     payloads = [_payload(i, 77) for i in range(2000)]
     assert _send_through(open_broker, tx, payloads) == payloads
     assert tx.sends < len(payloads) // 4, tx.sends
@@ -231,7 +217,7 @@ def test_partial_sends_resume_where_they_stopped(open_broker: Broker) -> None:
     """Every send() taking at most 1,000 bytes: runs of packets are cut
     anywhere, inside a packet's header or body, and what follows is sent
     from exactly there (a byte lost or repeated would break the stream)."""
-    tx = Sends(CallbackAPIVersion.VERSION2, client_id="partial-tx", protocol=mqtt.MQTTv311)
+    tx = _buffered(Sends, "partial-tx")
     tx.cap = 1000
     payloads = [_payload(i, size) for i, size in
                 enumerate([77, 3, 999, 1000, 1001, 0, 20_000, 77, 5, 70_000] * 20)]
@@ -295,35 +281,13 @@ def test_every_split_of_the_stream_is_read_the_same(monkeypatch) -> None:
 def test_qos0_publishes_between_runs_complete(open_broker: Broker) -> None:
     """QoS 0 publishes, which paho completes itself on writing (on_publish,
     wait_for_publish), stay paho's between the runs sent together."""
-    tx = Sends(CallbackAPIVersion.VERSION2, client_id="mixed-tx", protocol=mqtt.MQTTv311)
+    tx = _buffered(Sends, "mixed-tx")
     published: list[int] = []
     tx.on_publish = lambda c, u, mid, rc, props: published.append(mid)
-    rx = _stock("stock-rx")
-    topic = "t/mixed"
-    got: list[bytes] = []
-    done = threading.Event()
-    n = 600
-
-    def on_message(c, userdata, msg):
-        got.append(msg.payload)
-        if len(got) == n:
-            done.set()
-
-    rx.on_message = on_message
-    connect_wait(rx, open_broker.host, open_broker.port, [topic])
-    tx.max_inflight_messages_set(0)
-    connect_wait(tx, open_broker.host, open_broker.port)
-    payloads = [_payload(i, 77) for i in range(n)]
-    try:
-        infos = [tx.publish(topic, p, qos=0 if i % 3 == 0 else 1)
-                 for i, p in enumerate(payloads)]
-        for info in infos:
-            info.wait_for_publish(30)
-            assert info.is_published()
-        assert done.wait(30), f"{len(got)} of {n} messages arrived"
-    finally:
-        close(tx)
-        close(rx)
+    payloads = [_payload(i, 77) for i in range(600)]
+    got, infos = _exchange(open_broker, tx, _stock("stock-rx"), payloads,
+                           qos=lambda i: 0 if i % 3 == 0 else 1, timeout=30)
+    assert all(info.is_published() for info in infos)
     assert sorted(got) == sorted(payloads)  # QoS 0 and 1 may pass each other at the broker
     assert sorted(published) == sorted(info.mid for info in infos)
 

@@ -84,10 +84,10 @@ def test_other_types_always_take_the_general_path() -> None:
         assert not _body_ok(mtype, [1, 2, 3, 4, 5])
 
 
-
 def _messages(he: PrivateKey, secrets: dict[int, PrivateKey]) -> list[tuple[str, bytes]]:
     """A batch mixing good envelopes with every kind of bad one."""
-    chans = {m: Channel(NATIVE, NATIVE.beforenm(bytes(he.public_key), bytes(sk)), m, UP, dap_helpers.Counter())
+    chans = {m: Channel(NATIVE, NATIVE.beforenm(bytes(he.public_key), bytes(sk)), m, UP,
+                        dap_helpers.Counter())
              for m, sk in secrets.items()}
     t = 1767229200
     good = [chans[m].seal(T_CURRENT, [7, t, [1, 5, 2, 0, 3, 4, 4, 2301]], os.urandom(24))[1]
