@@ -5,7 +5,8 @@ own, driven by JSON lines (see bench.fleetproc):
 
 Builds the HeadEnd (scheduled collection off), emits {"built"}, waits for
 "go", connects (persistent session, manual acks after commit, as `serve`),
-emits {"subscribed"} once the SUBACK is in, and stops on "stop".
+emits {"subscribed"} once HeadEnd.start() saw the SUBACK, and stops on
+"stop".
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import threading
 from pathlib import Path
 
 from headend.service import HeadEnd
@@ -32,17 +32,13 @@ def main() -> None:
     he = HeadEnd(Path(db), Path(keyfile).read_bytes(),
                  BrokerSettings(host=host, port=int(port), keepalive=120),
                  client_id=cid, subscription=sub)
-    subscribed = threading.Event()
-    he.mqtt.on_subscribe = lambda *a: subscribed.set()
     emit(built=True)
     started = False
     for line in sys.stdin:
         cmd = line.strip()
         if cmd == "go" and not started:
             started = True
-            he.start()
-            if not subscribed.wait(30):
-                raise SystemExit(f"{cid}: no SUBACK from {host}:{port} in 30 s")
+            he.start(timeout=30)  # returns once the SUBACK granted the subscription
             emit(subscribed=True)
         elif cmd == "stats":
             emit(stats={"received": he.received, "acked": he.acked, **he.ingest.totals})

@@ -21,20 +21,22 @@ from headend import provision
 from headend.config import HeadEndConfig
 from headend.errors import ConfigError, HeadEndError, RequestFailed, UnknownMeterError
 from headend.requests import ReadSpec
-from headend.service import HeadEnd
+from headend.service import SHARED_UP, HeadEnd
 from headend.store import Store
 from headend.timeparse import parse_time, show_time
-from shared import obis
+from shared import obis, topics
 from shared.hostmqtt import MqttSetupError
 
 DEFAULT_SITE = os.environ.get("HEADEND_SITE", "site")
 
 
 @contextlib.contextmanager
-def _lock(site: Path, wait: bool = False) -> Iterator[bool]:
-    """Hold the site's head-end lock if we can: only one process ingests."""
+def _lock(site: Path, wait: bool = False, name: str = "headend.lock") -> Iterator[bool]:
+    """Hold one of the site's head-end locks if we can: `headend.lock` is
+    the main head-end's (one per site), `headend-w<K>.lock` ingest worker
+    K's."""
     site.mkdir(parents=True, exist_ok=True)
-    with open(site / "headend.lock", "a") as f:
+    with open(site / name, "a") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
@@ -94,11 +96,26 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     cfg = HeadEndConfig.load(args.site)
-    with _lock(cfg.site) as mine:
+    k = args.worker
+    if k and not 0 < k < cfg.workers:
+        raise ConfigError(
+            f"--worker {k}: {cfg.site / 'headend.toml'} has [ingest] workers = {cfg.workers}, "
+            f"so the extra ingest workers are 1 to {cfg.workers - 1}"
+            + ("" if cfg.workers > 1 else "; set workers = 2 or more there first"))
+    lock = f"headend-w{k}.lock" if k else "headend.lock"
+    with _lock(cfg.site, name=lock) as mine:
         if not mine:
-            raise HeadEndError(f"another head-end process is serving {cfg.site}; stop it first")
-        he = HeadEnd(cfg.db, cfg.secret_key, cfg.broker, retries=cfg.retries,
-                     collect=cfg.collect).start()
+            raise HeadEndError(f"another head-end process is serving {cfg.site}"
+                               + (f" as ingest worker {k}" if k else "") + "; stop it first")
+        # Several workers: each takes its share of the uplinks. The main
+        # head-end (no --worker) also sends requests and collects.
+        shared = SHARED_UP if cfg.workers > 1 else None
+        if k:
+            he = HeadEnd(cfg.db, cfg.secret_key, cfg.broker, client_id=f"{topics.HEADEND}-w{k}",
+                         subscription=shared).start()
+        else:
+            he = HeadEnd(cfg.db, cfg.secret_key, cfg.broker, retries=cfg.retries,
+                         collect=cfg.collect, subscription=shared).start()
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
@@ -140,7 +157,8 @@ def cmd_read(args: argparse.Namespace) -> int:
             raise ConfigError(f"meter {args.meter} is not behind a DAP (flow A); drop --via-dap")
     with _lock(cfg.site) as mine:
         he = HeadEnd(cfg.db, cfg.secret_key, cfg.broker, retries=cfg.retries, ingest=mine,
-                     client_id="headend" if mine else f"headend-cli-{os.getpid()}")
+                     client_id="headend" if mine else f"headend-cli-{os.getpid()}",
+                     subscription=SHARED_UP if cfg.workers > 1 else None)
         he.start()
         try:
             if args.meter is not None:
@@ -329,6 +347,9 @@ def parser() -> argparse.ArgumentParser:
     ps = sub.add_parser("serve", help="ingest continuously")
     site(ps)
     ps.add_argument("--stats-interval", type=float, default=60.0)
+    ps.add_argument("--worker", type=int, default=0, metavar="K",
+                    help="run extra ingest worker K (1 to workers-1, with [ingest] workers "
+                         "in headend.toml; Mosquitto only); without it: the main head-end")
     ps.set_defaults(func=cmd_serve)
 
     prd = sub.add_parser("read", help="read one meter or a group")

@@ -12,6 +12,9 @@ from headend.errors import ConfigError
 from shared.hostmqtt import BrokerSettings
 
 
+MAX_WORKERS = 16
+
+
 @dataclass(frozen=True)
 class HeadEndConfig:
     site: Path
@@ -20,10 +23,13 @@ class HeadEndConfig:
     broker: BrokerSettings
     retries: int = 2
     collect: CollectPolicy | None = None  # None: no scheduled collection
+    workers: int = 1  # ingest processes sharing the uplinks (docs/scaling.md)
 
     def __post_init__(self) -> None:
         if not 0 <= self.retries <= 10:
             raise ConfigError("headend.toml: [requests] retries must be 0 to 10")
+        if type(self.workers) is not int or not 1 <= self.workers <= MAX_WORKERS:
+            raise ConfigError(f"headend.toml: [ingest] workers must be 1 to {MAX_WORKERS}")
 
     @property
     def secret_key(self) -> bytes:
@@ -64,4 +70,5 @@ class HeadEndConfig:
             broker=broker,
             retries=int(data.get("requests", {}).get("retries", 2)),
             collect=collect,
+            workers=data.get("ingest", {}).get("workers", 1),
         )

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import combinations
 
 from headend.store import MeterRow, Store
 from shared import envelope, gateway, messages, obis, topics
@@ -56,8 +58,12 @@ STATUS_NAMES = {S_NO_DATA: "no-data", S_EXPIRED: "expired", S_MALFORMED: "malfor
 
 
 _INT = {int}
-_CODES = frozenset(obis.CODES)
-_CURRENT_TAGS = frozenset(obis.CURRENT_REGISTERS)
+# Every key list a current reading may carry: the required registers plus
+# any of the others, in order (a handful: obis.CODES is short).
+_CURRENT_KEYS = frozenset(
+    tuple(sorted({*obis.CURRENT_REGISTERS, *extra}))
+    for n in range(len(obis.CODES) + 1)
+    for extra in combinations(sorted(obis.CODES), n))
 _UPLINK = frozenset(messages.UPLINK)
 _MIN_ENVELOPE = ENV_HEADER + MAC_BYTES
 
@@ -86,11 +92,10 @@ def _body_ok(mtype: int, body: list) -> bool:
         if len(body) != 3:
             return False
         req, ts, regs = body
-        if type(req) is not int or type(ts) is not int or not 0 <= req <= MAX_U32 \
-                or not 0 <= ts <= MAX_U32 or not _pairs(regs):
-            return False
-        keys = regs[0::2]
-        return _CODES.issuperset(keys) and _CURRENT_TAGS.issubset(keys)
+        # keys in _CURRENT_KEYS: sorted, unique, known, every required one
+        return (type(req) is int and type(ts) is int and 0 <= req <= MAX_U32
+                and 0 <= ts <= MAX_U32 and type(regs) is list and not len(regs) & 1
+                and tuple(regs[0::2]) in _CURRENT_KEYS and _uints(regs))
     if mtype == T_INTERVAL:
         if len(body) != 10:
             return False
@@ -139,23 +144,26 @@ def _box_opener(backend: Backend):
     open (or is malformed): the general path then raises the error. With
     PyNaCl it calls libsodium's crypto_box_open_easy_afternm through cffi
     directly (what PyNaCl's binding does, less its argument checks, which
-    the caller's framing checks stand for); otherwise the backend's open."""
+    the caller's framing checks stand for), into one buffer it keeps;
+    otherwise the backend's open. One opener per Ingest: not for two
+    threads at once."""
     if backend.name == "native":
         try:
             from nacl._sodium import ffi, lib
         except ImportError:  # pragma: no cover - PyNaCl without its cffi module
             ffi = lib = None
         if lib is not None:
-            new, buffer, box_open = ffi.new, ffi.buffer, lib.crypto_box_open_easy_afternm
+            out = ffi.new("unsigned char[]", MAX_ENVELOPE)
+            plain = ffi.buffer(out)
+            box_open = lib.crypto_box_open_easy_afternm
 
             def native_open(key: bytes, nonce: bytes, box: bytes) -> bytes | None:
-                n = len(box) - 16
-                if n < 0 or len(key) != 32 or len(nonce) != 24:
+                n = len(box) - MAC_BYTES
+                if not 0 <= n <= MAX_ENVELOPE or len(key) != 32 or len(nonce) != 24:
                     return None
-                out = new("unsigned char[]", max(n, 1))
-                if box_open(out, box, len(box), nonce, key) != 0:
+                if box_open(out, box, n + MAC_BYTES, nonce, key) != 0:
                     return None
-                return buffer(out, n)[:]
+                return plain[:n]
 
             return native_open
     generic = backend.open
@@ -169,6 +177,91 @@ def _box_opener(backend: Backend):
     return backend_open
 
 
+def _loader(backend: Backend):
+    """loads(plaintext) -> the one CBOR item it holds, or None where
+    backend.loads(plaintext, MAX_INNER) would raise (the general path then
+    raises the error). With cbor2 it keeps one decoder, with the backend's
+    limits, and gives it each plaintext: making a decoder per envelope
+    cost more than the decoding. One loader per Ingest: not for two
+    threads at once."""
+    if backend.name == "native":
+        import io
+
+        import cbor2
+
+        decoder = cbor2.CBORDecoder(io.BytesIO(b""), max_depth=16, allow_duplicate_keys=False)
+        bytes_io = io.BytesIO
+
+        def native_loads(pt: bytes) -> object:
+            if len(pt) > MAX_INNER:
+                return None
+            fp = decoder.fp = bytes_io(pt)
+            try:
+                obj = decoder.decode()
+            except Exception:  # cbor2 raises several types; all mean malformed
+                return None
+            return obj if fp.tell() == len(pt) else None
+
+        return native_loads
+    generic = backend.loads
+
+    def backend_loads(pt: bytes) -> object:
+        try:
+            return generic(pt, MAX_INNER)
+        except ProtocolError:
+            return None
+
+    return backend_loads
+
+
+class _Rows:
+    """What a batch of opened envelopes writes: reading rows (meter,
+    quantity, start, value, quality, received at, request), complete
+    answers (request, meter), interval parts (request, meter, part, parts),
+    statuses (request, meter, status, detail), and the Batch's answers and
+    intervals."""
+
+    __slots__ = ("rows", "answered", "parts", "statuses", "answers", "intervals")
+
+    def __init__(self, opened: list[tuple[Channel, int, int, list]], now: float) -> None:
+        rows: list[tuple] = []
+        answered: list[tuple[int, int]] = []
+        parts: list[tuple[int, int, int, int]] = []
+        statuses: list[tuple[int, int, str, int]] = []
+        answers: list[tuple[int, int, str]] = []
+        intervals: list[tuple[int, int, int]] = []
+        imp_t, exp_t = obis.INTERVAL_IMPORT, obis.INTERVAL_EXPORT
+        reg_imp, reg_exp = obis.ENERGY_IMPORT, obis.ENERGY_EXPORT
+        for ch, mtype, _, body in opened:
+            m = ch.meter
+            if mtype == T_CURRENT:
+                req, ts, regs = body
+                for j in range(0, len(regs), 2):
+                    rows.append((m, regs[j], ts, regs[j + 1], 0, now, req))
+                answered.append((req, m))
+                answers.append((req, m, "answered"))
+            elif mtype == T_INTERVAL:
+                req, part, n, start, period, b_imp, b_exp, imps, exps, flags = body
+                rows.append((m, reg_imp, start, b_imp, 0, now, req))
+                rows.append((m, reg_exp, start, b_exp, 0, now, req))
+                quality = dict(zip(flags[0::2], flags[1::2])) if flags else {}
+                t = start
+                for i in range(len(imps)):
+                    q = quality.get(i, 0)
+                    rows.append((m, imp_t, t, imps[i], q, now, req))
+                    rows.append((m, exp_t, t, exps[i], q, now, req))
+                    t += period
+                parts.append((req, m, part, n))
+                answers.append((req, m, "part"))
+                intervals.append((m, start, len(imps)))
+            elif mtype == T_STATUS:
+                req, code, detail = body
+                statuses.append((req, m, STATUS_NAMES[code], detail))
+                answers.append((req, m, STATUS_NAMES[code]))
+        self.rows, self.answered, self.parts, self.statuses = rows, answered, parts, statuses
+        self.answers, self.intervals = answers, intervals
+
+
 class Ingest:
     def __init__(self, store: Store, secret_key: bytes, backend: Backend = DEFAULT) -> None:
         self.store = store
@@ -176,8 +269,14 @@ class Ingest:
         self.backend = backend
         self._channels: dict[int, tuple[Channel, MeterRow]] = {}
         self.totals: Counter = Counter()
-        self._loads = backend.loads
+        self._loads = _loader(backend)
         self._box_open = _box_opener(backend)
+        # Meters whose cached replay state (window, session, pending will)
+        # is known to match the store as of data version _version; see
+        # _refresh. Other processes (another ingest worker, the CLI) and
+        # this process's other connections commit to the same file.
+        self._fresh: set[int] = set()
+        self._version: int | None = None
 
     def channel(self, meter: int) -> tuple[Channel, MeterRow]:
         got = self._channels.get(meter)
@@ -197,6 +296,31 @@ class Ingest:
         """Drop cached channels so they are reloaded from the store."""
         for m in meters:
             self._channels.pop(m, None)
+            self._fresh.discard(m)
+
+    def _refresh(self, db, meters: Iterable[int]) -> None:
+        """Inside the write transaction: make the cached replay state of
+        these meters the store's. Each worker of a shared subscription
+        keeps its own cache, and a meter's messages go to either worker;
+        a window the other worker moved since must be read again, or a
+        replay of what that worker accepted would be accepted here. SQLite's
+        data_version changes when any other connection commits: while it
+        has not, the cache is the store (one pragma per batch); once it
+        has, every cached state is suspect and the batch's meters are read
+        again, in one query per 200, under the write lock, so nothing can
+        move them before this transaction commits."""
+        version = db.execute("PRAGMA data_version").fetchone()[0]
+        if version != self._version:
+            self._fresh.clear()
+            self._version = version
+        stale = [m for m in meters if m not in self._fresh]
+        if not stale:
+            return
+        for meter, top, bits, will, session in self.store.channel_states(db, stale):
+            ch = self._channels[meter][0]
+            ch.window.top, ch.window.bits = top, bits
+            ch.pending_will, ch.session = will, session
+        self._fresh.update(stale)
 
     # -- parsing -------------------------------------------------------------
 
@@ -222,13 +346,13 @@ class Ingest:
 
     def _open(self, env: bytes, dap: int | None, on_topic_of: int | None
               ) -> tuple[Channel, int, int, list]:
-        """Open and check one envelope, and accept it into its channel's
-        replay window. The common case - a sealed reading from a known
-        meter on its registered path, every field as it should be - takes a
-        short path: the same checks, inlined. Whatever that path does not
-        accept goes to the general path (_open_checked), which raises
-        exactly as it always has. Nothing is changed (the window is not
-        moved) before every check has passed."""
+        """Open and check one envelope; changes nothing (the replay window
+        is checked and moved later, in process(), under the write lock).
+        The common case - a sealed reading from a known meter on its
+        registered path, every field as it should be - takes a short path:
+        the same checks, inlined. Whatever that path does not accept goes
+        to the general path (_open_checked), which raises exactly as it
+        always has."""
         n = len(env)
         if _MIN_ENVELOPE <= n <= MAX_ENVELOPE and env[0] == ENV_SEALED:
             hint = int.from_bytes(env[1:5], "big")
@@ -238,10 +362,7 @@ class Ingest:
                 ch = got[0]
                 pt = self._box_open(ch.key, env[5:ENV_HEADER], env[ENV_HEADER:])
                 if pt is not None:
-                    try:
-                        obj = self._loads(pt, MAX_INNER)
-                    except ProtocolError:
-                        obj = None
+                    obj = self._loads(pt)
                     if type(obj) is list and len(obj) >= 5:
                         v, m, d, mtype, ctr = obj[:5]
                         if (v == VERSION and type(v) is int and m == hint and type(m) is int
@@ -251,7 +372,6 @@ class Ingest:
                             body = obj[5:]
                             if not _body_ok(mtype, body):
                                 messages.check_body(mtype, body)  # raises if it must
-                            ch.accept(mtype, ctr, body)
                             return ch, mtype, ctr, body
         return self._open_checked(env, dap, on_topic_of)
 
@@ -269,7 +389,6 @@ class Ingest:
                 f" but this came {'through DAP %d' % dap if dap else 'direct'}")
         mtype, ctr, body = ch.unseal(env)
         messages.check_body(mtype, body)
-        ch.accept(mtype, ctr, body)
         return ch, mtype, ctr, body
 
     # -- the batch -----------------------------------------------------------
@@ -277,17 +396,15 @@ class Ingest:
     def process(self, messages_in: list[tuple[str, bytes]], now: float) -> Batch:
         """Open and store a batch of (topic, payload). Bad input is counted
         and skipped; it never raises for it. Raises only if the store fails,
-        and then nothing of the batch is stored or remembered."""
+        and then nothing of the batch is stored or remembered.
+
+        Two phases: every envelope is opened and checked first, with no
+        lock held and nothing changed; then, in the write transaction, the
+        replay state of the batch's meters is brought up to date with the
+        store (_refresh), each envelope passes its replay check in the
+        order it came, and what passed is written."""
         batch = Batch()
-        rows: list[tuple] = []
-        answered: list[tuple[int, int]] = []
-        parts: list[tuple[int, int, int, int]] = []
-        statuses: list[tuple[int, int, str, int]] = []
-        sessions: list[tuple[int, int]] = []  # (meter, birth index, or -1: a death)
-        moved: dict[int, Channel] = {}
-        seen: dict[int, float] = {}
-        imp_t, exp_t = obis.INTERVAL_IMPORT, obis.INTERVAL_EXPORT
-        reg_imp, reg_exp = obis.ENERGY_IMPORT, obis.ENERGY_EXPORT
+        opened: list[tuple[Channel, int, int, list]] = []
         for topic, payload in messages_in:
             try:
                 envs, dap, owner = self._envelopes(topic, payload, batch)
@@ -297,58 +414,52 @@ class Ingest:
                 continue
             for env in envs:
                 try:
-                    ch, mtype, ctr, body = self._open(env, dap, owner)
+                    opened.append(self._open(env, dap, owner))
                 except ProtocolError as e:
                     batch.rejected[e.reason] += 1
                     if e.reason != "duplicate":
                         log.warning("rejected envelope via %s: %s (%s)", topic, e, e.reason)
-                    continue
-                m = ch.meter
-                moved[m] = ch
-                seen[m] = now
-                batch.accepted += 1
-                if mtype == T_INTERVAL:
-                    req, part, n, start, period, b_imp, b_exp, imps, exps, flags = body
-                    rows.append((m, reg_imp, start, b_imp, 0, now, req))
-                    rows.append((m, reg_exp, start, b_exp, 0, now, req))
-                    quality = dict(zip(flags[0::2], flags[1::2])) if flags else {}
-                    t = start
-                    for i in range(len(imps)):
-                        q = quality.get(i, 0)
-                        rows.append((m, imp_t, t, imps[i], q, now, req))
-                        rows.append((m, exp_t, t, exps[i], q, now, req))
-                        t += period
-                    parts.append((req, m, part, n))
-                    batch.answers.append((req, m, "part"))
-                    batch.intervals.append((m, start, len(imps)))
-                elif mtype == T_CURRENT:
-                    req, ts, regs = body
-                    for j in range(0, len(regs), 2):
-                        rows.append((m, regs[j], ts, regs[j + 1], 0, now, req))
-                    answered.append((req, m))
-                    batch.answers.append((req, m, "answered"))
-                elif mtype == T_STATUS:
-                    req, code, detail = body
-                    statuses.append((req, m, STATUS_NAMES[code], detail))
-                    batch.answers.append((req, m, STATUS_NAMES[code]))
-                elif mtype == T_BIRTH:
-                    sessions.append((m, len(batch.births)))
-                    batch.births.append((m, None, body[0], body[4]))
-                elif mtype == T_DEATH:
-                    sessions.append((m, -1))
-                    batch.deaths.append((m, body[0], body[1]))
+        # What the batch stores if every envelope passes its replay check,
+        # made outside the lock; made again in the rare batch where one fails.
+        made = _Rows(opened, now)
+        moved: dict[int, Channel] = {}
         store = self.store
         try:
             with store.transaction() as db:
-                if rows:
-                    new = store.add_readings(db, rows)
+                self._refresh(db, {item[0].meter for item in opened})
+                kept = []
+                sessions: list[tuple[int, int]] = []  # (meter, birth index, or -1: a death)
+                for item in opened:
+                    ch, mtype, ctr, body = item
+                    try:
+                        ch.accept(mtype, ctr, body)
+                    except ProtocolError as e:
+                        batch.rejected[e.reason] += 1
+                        if e.reason != "duplicate":
+                            log.warning("rejected envelope of meter %d: %s (%s)",
+                                        ch.meter, e, e.reason)
+                        continue
+                    kept.append(item)
+                    moved[ch.meter] = ch
+                    if mtype == T_BIRTH:
+                        sessions.append((ch.meter, len(batch.births)))
+                        batch.births.append((ch.meter, None, body[0], body[4]))
+                    elif mtype == T_DEATH:
+                        sessions.append((ch.meter, -1))
+                        batch.deaths.append((ch.meter, body[0], body[1]))
+                if len(kept) != len(opened):
+                    made = _Rows(kept, now)
+                batch.accepted = len(kept)
+                batch.answers, batch.intervals = made.answers, made.intervals
+                if made.rows:
+                    new = store.add_readings(db, made.rows)
                     batch.stored = new
-                    batch.duplicate_rows = len(rows) - new
+                    batch.duplicate_rows = len(made.rows) - new
                 if moved:
                     store.save_channels(db, [(m, ch.window.top, ch.window.bits,
-                                              ch.pending_will, seen[m])
+                                              ch.pending_will, now)
                                              for m, ch in moved.items()])
-                store.record_answers(db, now, answered, parts, statuses)
+                store.record_answers(db, now, made.answered, made.parts, made.statuses)
                 # Births and deaths in the order they came: an old session's
                 # will and the next birth often travel in one bundle.
                 for m, i in sessions:
@@ -363,7 +474,7 @@ class Ingest:
                 counts["stored"] = batch.stored
                 store.bump(db, counts)
         except BaseException:
-            self.forget(moved)  # their windows moved in memory only
+            self._fresh.difference_update(moved)  # their state moved in memory only
             raise
         self.totals["accepted"] += batch.accepted
         self.totals["stored"] += batch.stored

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from headend.collect import Collector, CollectPolicy
+from headend.errors import BrokerError
 from headend.ingest import Batch, Ingest
 from headend.requests import BUDGET, Issued, ReadSpec, Requester
 from headend.store import Store
@@ -26,6 +27,11 @@ from shared.hostmqtt import BrokerSettings, client, connect
 log = logging.getLogger("headend")
 
 DONE = ("answered", "no-data", "expired", "malformed", "unsupported", "timeout")
+
+# What the ingest workers of one site subscribe to when there are several
+# ([ingest] workers in headend.toml): a shared subscription, so the broker
+# hands each uplink to one of them (Mosquitto; amqtt has none).
+SHARED_UP = "$share/headend/+/up"
 
 
 @dataclass
@@ -113,6 +119,9 @@ class HeadEnd:
         self.mqtt = client(broker, client_id, clean_session=not ingest, manual_ack=ingest)
         self.mqtt.on_message = self._on_message
         self.mqtt.on_connect = self._on_connect
+        self.mqtt.on_subscribe = self._on_subscribe
+        self._subscribed = threading.Event()
+        self.refused: list[str] = []  # subscriptions the broker refused
         self.received = 0
         self.acked = 0
 
@@ -128,6 +137,20 @@ class HeadEnd:
             t.start()
             self._threads.append(t)
         connect(self.mqtt, self.broker, timeout)  # _on_connect subscribes
+        if self.ingesting:
+            if not self._subscribed.wait(timeout):
+                self.stop()
+                raise BrokerError(f"no SUBACK from {self.broker.host}:{self.broker.port} in "
+                                  f"{timeout:.0f} s: is the broker overloaded?")
+            if self.refused:
+                self.stop()
+                raise BrokerError(
+                    f"the broker refused the subscription {', '.join(self.refused)}: "
+                    + ("shared subscriptions need Mosquitto (amqtt has none); with amqtt "
+                       "set [ingest] workers = 1 in headend.toml"
+                       if any(t.startswith("$share/") for t in self.refused) else
+                       "check the head-end account's ACL (python -m headend provision init "
+                       "writes it)"))
         return self
 
     def stop(self) -> None:
@@ -143,6 +166,13 @@ class HeadEnd:
         if not reason.is_failure and self.ingesting:
             c.subscribe([(t, 1) for t in self.subscriptions])
             log.info("connected to %s:%d", self.broker.host, self.broker.port)
+
+    def _on_subscribe(self, c, userdata, mid, reasons, properties) -> None:
+        refused = [t for t, r in zip(self.subscriptions, reasons) if r.is_failure]
+        if refused:
+            log.error("the broker refused the subscription %s", ", ".join(refused))
+        self.refused = refused
+        self._subscribed.set()
 
     def _on_message(self, c, userdata, msg) -> None:
         self.received += 1

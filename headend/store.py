@@ -127,6 +127,14 @@ _READINGS = ("INSERT OR IGNORE INTO readings "
 _READINGS_CHUNK = _READINGS + ",".join(["(?, ?, ?, ?, ?, ?, ?)"] * CHUNK)
 _ANSWERED = ("UPDATE requests SET status = 'answered', answered_at = ? "
              "WHERE request = ? AND meter = ?")
+_STATES_CHUNK = ("SELECT meter, win_top, win_bits, pending_will, session FROM meters "
+                 "WHERE meter IN (" + ",".join(["?"] * CHUNK) + ")")
+_CHANNELS = ("UPDATE meters SET win_top = ?, win_bits = ?, pending_will = ?, last_seen = ? "
+             "WHERE meter = ?")
+_CHANNELS_CHUNK = ("UPDATE meters SET win_top = v.column2, win_bits = v.column3, "
+                   "pending_will = v.column4, last_seen = v.column5 FROM (VALUES "
+                   + ",".join(["(?, ?, ?, ?, ?)"] * CHUNK)
+                   + ") AS v WHERE meters.meter = v.column1")
 _ANSWERED_CHUNK = ("UPDATE requests SET status = 'answered', answered_at = ? FROM (VALUES "
                    + ",".join(["(?, ?)"] * CHUNK)
                    + ") AS v WHERE requests.request = v.column1 AND requests.meter = v.column2")
@@ -246,14 +254,30 @@ class Store:
     def save_channels(self, db: sqlite3.Connection,
                       channels: Iterable[tuple[int, int, int, int | None, float]]) -> None:
         """(meter, top, bits, pending will, last seen) for every channel that
-        moved: its replay window and when it was last heard, in one
-        statement per meter."""
-        db.executemany(
-            "UPDATE meters SET win_top = ?, win_bits = ?, pending_will = ?, last_seen = ? "
-            "WHERE meter = ?",
-            [(top, _bits_out(bits), will, seen, meter)
-             for meter, top, bits, will, seen in channels],
-        )
+        moved (each meter once): its replay window and when it was last
+        heard, in one statement per CHUNK meters."""
+        rows = [(meter, top, _bits_out(bits), will, seen)
+                for meter, top, bits, will, seen in channels]
+        n = len(rows)
+        full = n - n % CHUNK
+        for i in range(0, full, CHUNK):
+            db.execute(_CHANNELS_CHUNK, list(chain.from_iterable(rows[i:i + CHUNK])))
+        if full < n:
+            db.executemany(_CHANNELS, [(top, bits, will, seen, meter)
+                                       for meter, top, bits, will, seen in rows[full:]])
+
+    def channel_states(self, db: sqlite3.Connection, meters: Iterable[int]
+                       ) -> list[tuple[int, int, int, int | None, int | None]]:
+        """(meter, window top, window bits, pending will, session) of each
+        of these meters that is registered, in one query per CHUNK."""
+        ids = list(meters)
+        out = []
+        for i in range(0, len(ids), CHUNK):
+            part = ids[i:i + CHUNK]
+            part += part[-1:] * (CHUNK - len(part))  # the same statement for the last chunk
+            out.extend((m, top, _bits_in(bits), will, session)
+                       for m, top, bits, will, session in db.execute(_STATES_CHUNK, part))
+        return out
 
     def add_readings(self, db: sqlite3.Connection, rows: Sequence[tuple]) -> int:
         """Insert (meter, quantity, start, value, quality, received_at,

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 UNITS = {
     "meter-dap.service": ("/opt/meter-dap/bin/", "meter-dap"),
     "meter-headend.service": ("/opt/meter-headend/bin/", "meter-headend"),
+    "meter-headend-worker@.service": ("/opt/meter-headend/bin/", "meter-headend"),
 }
 
 
