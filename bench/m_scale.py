@@ -17,7 +17,7 @@ aggregating DAP sends them) on d1/up. For each run:
    process start-up (imports, opening the store) are outside the
    measurement; connecting and subscribing are inside it, for both sides.
 Every run starts from a fresh copy of the same registry and gets the same
-envelopes. The backlog holds 50 readings of each of 4,000 meters: fewer
+envelopes. The backlog holds 50 readings of each of 8,000 meters: fewer
 than a replay window (64), because the workers drain it in parallel, so a
 meter's readings are stored out of order across workers, and the replay
 windows are shared through the store (Ingest._refresh): a reading more than
@@ -120,7 +120,7 @@ def run(quick: bool, workdir: Path, only) -> dict:
     logs = workdir / "logs"
     broker = start_mosquitto(workdir)
     host, port = broker.host, broker.port
-    meters, rounds = (500, 20) if quick else (4000, 50)  # rounds < REPLAY_WINDOW: see above
+    meters, rounds = (500, 20) if quick else (8000, 50)  # rounds < REPLAY_WINDOW: see above
     try:
         site = Site(workdir / "site", port)
         site.add_dap(1, "aggregate")

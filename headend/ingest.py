@@ -420,10 +420,13 @@ class Ingest:
                     if e.reason != "duplicate":
                         log.warning("rejected envelope via %s: %s (%s)", topic, e, e.reason)
         # What the batch stores if every envelope passes its replay check,
-        # made outside the lock; made again in the rare batch where one fails.
+        # made and staged outside the lock; again in the rare batch where
+        # one fails.
         made = _Rows(opened, now)
-        moved: dict[int, Channel] = {}
         store = self.store
+        if made.rows:
+            store.stage_readings(made.rows)
+        moved: dict[int, Channel] = {}
         try:
             with store.transaction() as db:
                 self._refresh(db, {item[0].meter for item in opened})
@@ -449,10 +452,12 @@ class Ingest:
                         batch.deaths.append((ch.meter, body[0], body[1]))
                 if len(kept) != len(opened):
                     made = _Rows(kept, now)
+                    if made.rows:
+                        store.stage_readings(made.rows, db)
                 batch.accepted = len(kept)
                 batch.answers, batch.intervals = made.answers, made.intervals
                 if made.rows:
-                    new = store.add_readings(db, made.rows)
+                    new = store.add_staged_readings(db)
                     batch.stored = new
                     batch.duplicate_rows = len(made.rows) - new
                 if moved:

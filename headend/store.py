@@ -122,9 +122,12 @@ def _bits_out(bits: int) -> bytes:
 # prepared and cached. Readings have 7 parameters, well within SQLite's
 # limit of 32,766 per statement.
 CHUNK = 200
-_READINGS = ("INSERT OR IGNORE INTO readings "
-             "(meter, quantity, start, value, quality, received_at, request) VALUES ")
-_READINGS_CHUNK = _READINGS + ",".join(["(?, ?, ?, ?, ?, ?, ?)"] * CHUNK)
+_COLUMNS = "meter, quantity, start, value, quality, received_at, request"
+_ROW = "(?, ?, ?, ?, ?, ?, ?)"
+_STAGE = f"INSERT INTO temp.staged_readings ({_COLUMNS}) VALUES "
+_STAGE_CHUNK = _STAGE + ",".join([_ROW] * CHUNK)
+_FROM_STAGE = (f"INSERT OR IGNORE INTO readings ({_COLUMNS}) "
+               f"SELECT {_COLUMNS} FROM temp.staged_readings")
 _ANSWERED = ("UPDATE requests SET status = 'answered', answered_at = ? "
              "WHERE request = ? AND meter = ?")
 _STATES_CHUNK = ("SELECT meter, win_top, win_bits, pending_will, session FROM meters "
@@ -169,6 +172,10 @@ class Store:
         self.db.execute(f"PRAGMA wal_autocheckpoint={CHECKPOINT_PAGES}")
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.executescript(SCHEMA)
+        # Readings on their way in (stage_readings): in memory, per connection.
+        self.db.execute("PRAGMA temp_store=MEMORY")
+        self.db.execute("CREATE TEMP TABLE IF NOT EXISTS staged_readings (meter, quantity, "
+                        "start, value, quality, received_at, request)")
         self.db.executemany(
             "INSERT OR IGNORE INTO quantities (tag, obis, unit) VALUES (?, ?, ?)",
             [(tag, code, unit) for tag, (code, unit) in obis.CODES.items()],
@@ -279,17 +286,41 @@ class Store:
                        for m, top, bits, will, session in db.execute(_STATES_CHUNK, part))
         return out
 
-    def add_readings(self, db: sqlite3.Connection, rows: Sequence[tuple]) -> int:
-        """Insert (meter, quantity, start, value, quality, received_at,
-        request) rows; returns how many were new (the rest were already
-        stored: duplicates)."""
+    def stage_readings(self, rows: Sequence[tuple], db: sqlite3.Connection | None = None
+                       ) -> None:
+        """Put (meter, quantity, start, value, quality, received_at,
+        request) rows in this connection's staging table, in place of what
+        it held, for add_staged_readings. The staging table is a TEMP
+        table: private to the connection and outside the store's file, so
+        filling it takes no lock another writer waits for, and the costly
+        part of an insert from Python (binding every value) is done before
+        the write transaction. `db`: the transaction to do it in, if one is
+        open; otherwise it is its own (on the temporary database only)."""
+        with self._tx_lock:
+            conn = self.db if db is None else db
+            if db is None:
+                conn.execute("BEGIN")
+            try:
+                conn.execute("DELETE FROM temp.staged_readings")
+                n = len(rows)
+                full = n - n % CHUNK
+                for i in range(0, full, CHUNK):
+                    conn.execute(_STAGE_CHUNK, list(chain.from_iterable(rows[i:i + CHUNK])))
+                if full < n:
+                    conn.executemany(_STAGE + _ROW, rows[full:])
+            except BaseException:
+                if db is None:
+                    conn.execute("ROLLBACK")
+                raise
+            if db is None:
+                conn.execute("COMMIT")
+
+    def add_staged_readings(self, db: sqlite3.Connection) -> int:
+        """Inside a write transaction: insert the staged rows into readings
+        (one statement, no Python per row); returns how many were new (the
+        rest were already stored: duplicates)."""
         before = db.total_changes
-        n = len(rows)
-        full = n - n % CHUNK
-        for i in range(0, full, CHUNK):
-            db.execute(_READINGS_CHUNK, list(chain.from_iterable(rows[i:i + CHUNK])))
-        if full < n:
-            db.executemany(_READINGS + "(?, ?, ?, ?, ?, ?, ?)", rows[full:])
+        db.execute(_FROM_STAGE)
         return db.total_changes - before
 
     def set_session(self, db: sqlite3.Connection, meter: int, session: int | None,

@@ -18,6 +18,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -141,6 +142,35 @@ def test_a_status_replayed_across_workers_does_not_count_twice(two_workers) -> N
     assert store.counts()["accepted"] == 3
 
 
+def test_an_envelope_refused_by_its_replay_check_stores_nothing(two_workers) -> None:
+    """Rows are staged before the replay checks; an envelope that fails its
+    check inside the transaction must leave none of its rows behind."""
+    a, _, meters, store = two_workers
+    m1 = meters[1]
+    late = m1.reading(1, 111)  # counter 1, held back by the DAP
+    m1.ch.counter.value = 100
+    assert a.process(via_dap(m1.reading(2, 222)), T).accepted == 1
+    batch = a.process(via_dap(m1.reading(3, 333), late), T)
+    assert batch.accepted == 1 and dict(batch.rejected) == {"stale": 1}
+    assert batch.stored == 4 and batch.duplicate_rows == 0
+    assert [r[2] for r in store.readings(1, 1)] == [222, 333]
+
+
+def test_staging_waits_for_no_other_writer(two_workers) -> None:
+    """A worker stages its batch's rows while another holds the write lock
+    (the staging table is private to its connection): only the short
+    transaction that follows waits."""
+    a, b, meters, store = two_workers
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (a.store.stage_readings([(1, 1, T, 5, 0, T, 1)]),
+                                         done.set()))
+    with b.store.transaction():
+        t.start()
+        staged = done.wait(20)
+    t.join(30)  # the lock is released: done either way, before the stores close
+    assert staged, "staging waited for the other connection's write lock"
+
+
 def test_a_worker_alone_reads_no_window_twice(two_workers) -> None:
     """While no other connection commits, a worker's cache is the store:
     the windows are not read again for every batch (the fast path)."""
@@ -161,15 +191,15 @@ def test_a_failed_commit_leaves_no_window_moved(two_workers) -> None:
     accepted when the batch comes again."""
     a, _, meters, store = two_workers
     batch = via_dap(meters[1].reading(1, 7), meters[2].reading(1, 8))
-    orig = a.store.add_readings
+    orig = a.store.add_staged_readings
 
-    def fail(db, rows):
+    def fail(db):
         raise OSError("disk full")
 
-    a.store.add_readings = fail
+    a.store.add_staged_readings = fail
     with pytest.raises(OSError):
         a.process(batch, T)
-    a.store.add_readings = orig
+    a.store.add_staged_readings = orig
     assert a.process(batch, T).accepted == 2
     assert store.counts()["accepted"] == 2
 
