@@ -425,7 +425,7 @@ def test_sealed_round_trip_property(backend, msg, ctr):
 # any single flipped byte is rejected
 # --------------------------------------------------------------------------
 
-HINT = range(1, 5)  # the meter-id hint of a sealed envelope: see the xfail test below
+HINT = range(1, 5)  # the meter-id hint of a sealed envelope: test_flip_meter_id_hint_... below
 MASKS = (0x01, 0x10, 0x80, 0xFF)
 
 
