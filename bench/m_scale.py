@@ -57,7 +57,6 @@ from bench.loadgen import Sealer, bundles
 from headend.service import SHARED_UP
 
 NAMES = ("scale_out_2_workers", "scale_out_2_workers_sharded_store")
-SUB = SHARED_UP  # as `headend serve` with [ingest] workers > 1
 
 
 def _fresh(template: Path, path: Path) -> Path:
@@ -87,11 +86,12 @@ def _run(site: Site, host: str, port: int, msgs, n_env: int, dbs: list[Path],
     cids = [f"headend-{tag}-{i}" for i in range(len(dbs))]
     # 1. sessions
     for cid in cids:
-        create_session(host, port, cid, [SUB])
+        create_session(host, port, cid, [SHARED_UP])
     # 2. fill
     publish_all(host, port, msgs)
     # 3. drain
-    workers = [ChildLines(cid, "bench.worker", [str(db), str(keyfile), host, str(port), cid, SUB],
+    workers = [ChildLines(cid, "bench.worker", [str(db), str(keyfile), host, str(port), cid,
+                                                 SHARED_UP],
                           logs) for cid, db in zip(cids, dbs)]
     try:
         for w in workers:
@@ -159,8 +159,9 @@ def run(quick: bool, workdir: Path, only) -> dict:
         # each repetition's configurations ran back to back: the ratio is
         # the median of each repetition's own ratio, so that the machine's
         # drift between repetitions (it is shared) does not enter it
-        ratio = {tag: statistics.median(r["rate"] / o["rate"] for r, o in zip(rs, runs["one"]))
-                 for tag, rs in runs.items()}
+        per_rep = {tag: [r["rate"] / o["rate"] for r, o in zip(rs, runs["one"])]
+                   for tag, rs in runs.items() if tag != "one"}
+        ratio = {tag: statistics.median(rs) for tag, rs in per_rep.items()}
         details = {tag: [{"readings_per_s": round(r["rate"]), "seconds": round(r["seconds"], 2),
                           "connect_s": round(r["connect_s"], 3),
                           "messages_per_worker": r["per_worker_received"]} for r in rs]
@@ -170,9 +171,8 @@ def run(quick: bool, workdir: Path, only) -> dict:
                   "two_workers_shared_store_readings_per_s (median)": round(med["two"]),
                   "two_workers_sharded_store_readings_per_s (median)":
                       round(med["two-sharded"]),
-                  "ratio_per_repetition": {tag: [round(r["rate"] / o["rate"], 3)
-                                                 for r, o in zip(rs, runs["one"])]
-                                           for tag, rs in runs.items() if tag != "one"}}
+                  "ratio_per_repetition": {tag: [round(x, 3) for x in rs]
+                                           for tag, rs in per_rep.items()}}
         return {
             "scale_out_2_workers": {
                 "value": round(ratio["two"], 3), "unit": "ratio (2 workers / 1)",

@@ -21,7 +21,7 @@ from headend import provision
 from headend.config import HeadEndConfig
 from headend.errors import ConfigError, HeadEndError, RequestFailed, UnknownMeterError
 from headend.requests import ReadSpec
-from headend.service import SHARED_UP, HeadEnd
+from headend.service import HeadEnd
 from headend.store import Store
 from headend.timeparse import parse_time, show_time
 from shared import obis, topics
@@ -108,14 +108,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise HeadEndError(f"another head-end process is serving {cfg.site}"
                                + (f" as ingest worker {k}" if k else "") + "; stop it first")
         # Several workers: each takes its share of the uplinks. The main
-        # head-end (no --worker) also sends requests and collects.
-        shared = SHARED_UP if cfg.workers > 1 else None
-        if k:
-            he = HeadEnd(cfg.db, cfg.secret_key, cfg.broker, client_id=f"{topics.HEADEND}-w{k}",
-                         subscription=shared).start()
-        else:
-            he = HeadEnd(cfg.db, cfg.secret_key, cfg.broker, retries=cfg.retries,
-                         collect=cfg.collect, subscription=shared).start()
+        # head-end (no --worker) also collects.
+        he = HeadEnd(cfg.db, cfg.secret_key, cfg.broker, retries=cfg.retries,
+                     client_id=f"{topics.HEADEND}-w{k}" if k else topics.HEADEND,
+                     collect=None if k else cfg.collect, subscription=cfg.uplinks).start()
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
@@ -158,7 +154,7 @@ def cmd_read(args: argparse.Namespace) -> int:
     with _lock(cfg.site) as mine:
         he = HeadEnd(cfg.db, cfg.secret_key, cfg.broker, retries=cfg.retries, ingest=mine,
                      client_id="headend" if mine else f"headend-cli-{os.getpid()}",
-                     subscription=SHARED_UP if cfg.workers > 1 else None)
+                     subscription=cfg.uplinks)
         he.start()
         try:
             if args.meter is not None:

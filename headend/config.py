@@ -9,6 +9,7 @@ from pathlib import Path
 
 from headend.collect import CollectPolicy
 from headend.errors import ConfigError
+from headend.service import SHARED_UP
 from shared.hostmqtt import BrokerSettings
 
 
@@ -30,6 +31,12 @@ class HeadEndConfig:
             raise ConfigError("headend.toml: [requests] retries must be 0 to 10")
         if type(self.workers) is not int or not 1 <= self.workers <= MAX_WORKERS:
             raise ConfigError(f"headend.toml: [ingest] workers must be 1 to {MAX_WORKERS}")
+
+    @property
+    def uplinks(self) -> str | None:
+        """What an ingesting process subscribes to, if not the default: with
+        several workers, the shared subscription they split."""
+        return SHARED_UP if self.workers > 1 else None
 
     @property
     def secret_key(self) -> bytes:

@@ -177,43 +177,6 @@ def _box_opener(backend: Backend):
     return backend_open
 
 
-def _loader(backend: Backend):
-    """loads(plaintext) -> the one CBOR item it holds, or None where
-    backend.loads(plaintext, MAX_INNER) would raise (the general path then
-    raises the error). With cbor2 it keeps one decoder, with the backend's
-    limits, and gives it each plaintext: making a decoder per envelope
-    cost more than the decoding. One loader per Ingest: not for two
-    threads at once."""
-    if backend.name == "native":
-        import io
-
-        import cbor2
-
-        decoder = cbor2.CBORDecoder(io.BytesIO(b""), max_depth=16, allow_duplicate_keys=False)
-        bytes_io = io.BytesIO
-
-        def native_loads(pt: bytes) -> object:
-            if len(pt) > MAX_INNER:
-                return None
-            fp = decoder.fp = bytes_io(pt)
-            try:
-                obj = decoder.decode()
-            except Exception:  # cbor2 raises several types; all mean malformed
-                return None
-            return obj if fp.tell() == len(pt) else None
-
-        return native_loads
-    generic = backend.loads
-
-    def backend_loads(pt: bytes) -> object:
-        try:
-            return generic(pt, MAX_INNER)
-        except ProtocolError:
-            return None
-
-    return backend_loads
-
-
 class _Rows:
     """What a batch of opened envelopes writes: reading rows (meter,
     quantity, start, value, quality, received at, request), complete
@@ -269,7 +232,7 @@ class Ingest:
         self.backend = backend
         self._channels: dict[int, tuple[Channel, MeterRow]] = {}
         self.totals: Counter = Counter()
-        self._loads = _loader(backend)
+        self._loads = backend.loads
         self._box_open = _box_opener(backend)
         # Meters whose cached replay state (window, session, pending will)
         # is known to match the store as of data version _version; see
@@ -291,12 +254,6 @@ class Ingest:
             ch.session = row.session
             got = self._channels[meter] = (ch, row)
         return got
-
-    def forget(self, meters) -> None:
-        """Drop cached channels so they are reloaded from the store."""
-        for m in meters:
-            self._channels.pop(m, None)
-            self._fresh.discard(m)
 
     def _refresh(self, db, meters: Iterable[int]) -> None:
         """Inside the write transaction: make the cached replay state of
@@ -362,7 +319,10 @@ class Ingest:
                 ch = got[0]
                 pt = self._box_open(ch.key, env[5:ENV_HEADER], env[ENV_HEADER:])
                 if pt is not None:
-                    obj = self._loads(pt)
+                    try:
+                        obj = self._loads(pt, MAX_INNER)
+                    except ProtocolError:
+                        obj = None
                     if type(obj) is list and len(obj) >= 5:
                         v, m, d, mtype, ctr = obj[:5]
                         if (v == VERSION and type(v) is int and m == hint and type(m) is int
@@ -415,10 +375,9 @@ class Ingest:
             for env in envs:
                 try:
                     opened.append(self._open(env, dap, owner))
-                except ProtocolError as e:
+                except ProtocolError as e:  # never a replay: that is checked below
                     batch.rejected[e.reason] += 1
-                    if e.reason != "duplicate":
-                        log.warning("rejected envelope via %s: %s (%s)", topic, e, e.reason)
+                    log.warning("rejected envelope via %s: %s (%s)", topic, e, e.reason)
         # What the batch stores if every envelope passes its replay check,
         # made and staged outside the lock; again in the rare batch where
         # one fails.
@@ -453,7 +412,7 @@ class Ingest:
                 if len(kept) != len(opened):
                     made = _Rows(kept, now)
                     if made.rows:
-                        store.stage_readings(made.rows, db)
+                        store.stage_readings(made.rows)
                 batch.accepted = len(kept)
                 batch.answers, batch.intervals = made.answers, made.intervals
                 if made.rows:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from itertools import chain
 from pathlib import Path
 
@@ -115,32 +116,43 @@ def _bits_out(bits: int) -> bytes:
     return bits.to_bytes(8, "big")
 
 
-# Ingest writes in multi-row statements of this many rows: one statement
-# (one bind-and-step round trip through the sqlite3 module, which releases
-# the GIL for the step) per chunk instead of one per row. The remainder of
-# a batch goes through executemany, so only these fixed statements are
-# prepared and cached. Readings have 7 parameters, well within SQLite's
-# limit of 32,766 per statement.
+# Ingest reads and writes in multi-row statements of up to this many rows
+# (_chunked): one statement (one bind-and-step round trip through the
+# sqlite3 module, which releases the GIL for the step) per chunk instead of
+# one per row. Readings have 7 parameters, well within SQLite's limit of
+# 32,766 per statement.
 CHUNK = 200
 _COLUMNS = "meter, quantity, start, value, quality, received_at, request"
-_ROW = "(?, ?, ?, ?, ?, ?, ?)"
-_STAGE = f"INSERT INTO temp.staged_readings ({_COLUMNS}) VALUES "
-_STAGE_CHUNK = _STAGE + ",".join([_ROW] * CHUNK)
+# {values}: where _chunked puts the rows of one chunk
+_STAGE = f"INSERT INTO temp.staged_readings ({_COLUMNS}) VALUES {{values}}"
 _FROM_STAGE = (f"INSERT OR IGNORE INTO readings ({_COLUMNS}) "
                f"SELECT {_COLUMNS} FROM temp.staged_readings")
-_ANSWERED = ("UPDATE requests SET status = 'answered', answered_at = ? "
-             "WHERE request = ? AND meter = ?")
-_STATES_CHUNK = ("SELECT meter, win_top, win_bits, pending_will, session FROM meters "
-                 "WHERE meter IN (" + ",".join(["?"] * CHUNK) + ")")
-_CHANNELS = ("UPDATE meters SET win_top = ?, win_bits = ?, pending_will = ?, last_seen = ? "
-             "WHERE meter = ?")
-_CHANNELS_CHUNK = ("UPDATE meters SET win_top = v.column2, win_bits = v.column3, "
-                   "pending_will = v.column4, last_seen = v.column5 FROM (VALUES "
-                   + ",".join(["(?, ?, ?, ?, ?)"] * CHUNK)
-                   + ") AS v WHERE meters.meter = v.column1")
-_ANSWERED_CHUNK = ("UPDATE requests SET status = 'answered', answered_at = ? FROM (VALUES "
-                   + ",".join(["(?, ?)"] * CHUNK)
-                   + ") AS v WHERE requests.request = v.column1 AND requests.meter = v.column2")
+_STATES = ("SELECT meter, win_top, win_bits, pending_will, session FROM meters "
+           "WHERE meter IN (VALUES {values})")
+_CHANNELS = ("UPDATE meters SET win_top = v.column2, win_bits = v.column3, "
+             "pending_will = v.column4, last_seen = v.column5 FROM (VALUES {values}) AS v "
+             "WHERE meters.meter = v.column1")
+_ANSWERED = ("UPDATE requests SET status = 'answered', answered_at = ? FROM (VALUES {values}) "
+             "AS v WHERE requests.request = v.column1 AND requests.meter = v.column2")
+
+
+@lru_cache(maxsize=64)
+def _multirow(sql: str, width: int, rows: int) -> str:
+    """sql with `rows` rows of `width` parameters each in place of {values}."""
+    return sql.format(values=",".join(["(" + ", ".join("?" * width) + ")"] * rows))
+
+
+def _chunked(db: sqlite3.Connection, sql: str, width: int, rows: Sequence[tuple],
+             lead: tuple = ()) -> list:
+    """Run sql over rows (tuples of `width` values), up to CHUNK of them in
+    its {values} list per statement, each statement's parameters after
+    `lead`; returns what the statements returned."""
+    out: list = []
+    for i in range(0, len(rows), CHUNK):
+        part = rows[i:i + CHUNK]
+        out.extend(db.execute(_multirow(sql, width, len(part)),
+                              [*lead, *chain.from_iterable(part)]))
+    return out
 
 
 # Every batch of readings dirties about one page per meter in it (a meter's
@@ -263,57 +275,37 @@ class Store:
         """(meter, top, bits, pending will, last seen) for every channel that
         moved (each meter once): its replay window and when it was last
         heard, in one statement per CHUNK meters."""
-        rows = [(meter, top, _bits_out(bits), will, seen)
-                for meter, top, bits, will, seen in channels]
-        n = len(rows)
-        full = n - n % CHUNK
-        for i in range(0, full, CHUNK):
-            db.execute(_CHANNELS_CHUNK, list(chain.from_iterable(rows[i:i + CHUNK])))
-        if full < n:
-            db.executemany(_CHANNELS, [(top, bits, will, seen, meter)
-                                       for meter, top, bits, will, seen in rows[full:]])
+        _chunked(db, _CHANNELS, 5, [(meter, top, _bits_out(bits), will, seen)
+                                    for meter, top, bits, will, seen in channels])
 
     def channel_states(self, db: sqlite3.Connection, meters: Iterable[int]
                        ) -> list[tuple[int, int, int, int | None, int | None]]:
         """(meter, window top, window bits, pending will, session) of each
         of these meters that is registered, in one query per CHUNK."""
-        ids = list(meters)
-        out = []
-        for i in range(0, len(ids), CHUNK):
-            part = ids[i:i + CHUNK]
-            part += part[-1:] * (CHUNK - len(part))  # the same statement for the last chunk
-            out.extend((m, top, _bits_in(bits), will, session)
-                       for m, top, bits, will, session in db.execute(_STATES_CHUNK, part))
-        return out
+        return [(m, top, _bits_in(bits), will, session) for m, top, bits, will, session
+                in _chunked(db, _STATES, 1, [(m,) for m in meters])]
 
-    def stage_readings(self, rows: Sequence[tuple], db: sqlite3.Connection | None = None
-                       ) -> None:
+    def stage_readings(self, rows: Sequence[tuple]) -> None:
         """Put (meter, quantity, start, value, quality, received_at,
         request) rows in this connection's staging table, in place of what
-        it held, for add_staged_readings. The staging table is a TEMP
-        table: private to the connection and outside the store's file, so
-        filling it takes no lock another writer waits for, and the costly
-        part of an insert from Python (binding every value) is done before
-        the write transaction. `db`: the transaction to do it in, if one is
-        open; otherwise it is its own (on the temporary database only)."""
+        it held, for add_staged_readings; inside a transaction or outside
+        one. The staging table is a TEMP table: private to the connection
+        and outside the store's file, so filling it takes no lock another
+        writer waits for, and the costly part of an insert from Python
+        (binding every value) is done before the write transaction."""
         with self._tx_lock:
-            conn = self.db if db is None else db
-            if db is None:
-                conn.execute("BEGIN")
+            own = not self.db.in_transaction  # one transaction (on temp only), not one per chunk
+            if own:
+                self.db.execute("BEGIN")
             try:
-                conn.execute("DELETE FROM temp.staged_readings")
-                n = len(rows)
-                full = n - n % CHUNK
-                for i in range(0, full, CHUNK):
-                    conn.execute(_STAGE_CHUNK, list(chain.from_iterable(rows[i:i + CHUNK])))
-                if full < n:
-                    conn.executemany(_STAGE + _ROW, rows[full:])
+                self.db.execute("DELETE FROM temp.staged_readings")
+                _chunked(self.db, _STAGE, 7, rows)
             except BaseException:
-                if db is None:
-                    conn.execute("ROLLBACK")
+                if own:
+                    self.db.execute("ROLLBACK")
                 raise
-            if db is None:
-                conn.execute("COMMIT")
+            if own:
+                self.db.execute("COMMIT")
 
     def add_staged_readings(self, db: sqlite3.Connection) -> int:
         """Inside a write transaction: insert the staged rows into readings
@@ -364,13 +356,7 @@ class Store:
         answers; `parts`: (request, meter, part, parts) of interval parts;
         `statuses`: (request, meter, status, detail). A late answer still
         counts: the data arrived."""
-        if answered:
-            n = len(answered)
-            full = n - n % CHUNK
-            for i in range(0, full, CHUNK):
-                db.execute(_ANSWERED_CHUNK, [at, *chain.from_iterable(answered[i:i + CHUNK])])
-            if full < n:
-                db.executemany(_ANSWERED, [(at, r, m) for r, m in answered[full:]])
+        _chunked(db, _ANSWERED, 2, answered, (at,))
         if parts:
             db.executemany(
                 "UPDATE requests SET parts = ?2, parts_mask = parts_mask | ?1, "

@@ -31,6 +31,7 @@ def _pure():
 
 def _native():
     import io
+    import threading
 
     import cbor2
 
@@ -46,15 +47,25 @@ def _native():
             nacl.extend((bindings, CryptoError))
         return nacl
 
-    decoder = cbor2.CBORDecoder
     bytes_io = io.BytesIO
+    # One decoder per thread, given each item in turn: making a decoder per
+    # call cost more than decoding a reading (the head-end's ingest makes
+    # tens of thousands of calls a second). cbor2 forgets shared and string
+    # references at the start of every decode(), so nothing carries over.
+    kept = threading.local()
 
     def loads(data, max_size):
         if len(data) > max_size:
             raise TooLarge("CBOR item of %d bytes; the limit is %d" % (len(data), max_size))
         fp = bytes_io(data)
+        decoder = getattr(kept, "decoder", None)
+        if decoder is None:
+            decoder = kept.decoder = cbor2.CBORDecoder(fp, max_depth=16,
+                                                       allow_duplicate_keys=False)
+        else:
+            decoder.fp = fp
         try:
-            obj = decoder(fp, max_depth=16, allow_duplicate_keys=False).decode()
+            obj = decoder.decode()
         except Exception as e:  # cbor2 raises several types; all mean malformed
             raise DecodeError("not valid CBOR: %s" % e) from None
         if fp.tell() != len(data):

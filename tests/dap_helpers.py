@@ -360,8 +360,24 @@ class DapProcess:
         return "\n".join(lines[-tail:])
 
 
-def run_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+def _run_module(module: str, args: tuple[str, ...], timeout: float
+                ) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return subprocess.run([sys.executable, "-m", "dap", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
                           cwd=REPO, env=env, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def run_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+    """`python -m dap ARGS`."""
+    return _run_module("dap", args, timeout)
+
+
+def headend_cli(*args: str, check: bool = True, timeout: float = 120
+                ) -> subprocess.CompletedProcess:
+    """`python -m headend ARGS`; with `check`, a non-zero exit fails the test."""
+    proc = _run_module("headend", args, timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"headend {' '.join(args)} exited {proc.returncode}\n"
+                             f"{proc.stdout}\n{proc.stderr}")
+    return proc

@@ -10,7 +10,6 @@ import io
 import json
 import os
 import stat
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -22,20 +21,12 @@ from firmware.flash import Flash
 from shared import obis
 from sim.fleet import Fleet
 from sim.procs import Proc, free_port, wait_port
+from tests.dap_helpers import headend_cli as cli
 from tests.system import expected_intervals, expected_registers, wait_until, yesterday
 
 ROOT = Path(__file__).resolve().parent.parent
 CMDS = ["provision", "broker", "serve", "read", "meters", "success", "export", "firmware",
         "flash"]
-
-
-def cli(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "headend", *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"headend {' '.join(args)} exited {proc.returncode}\n"
-                             f"{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 @pytest.mark.parametrize("cmd", CMDS)
