@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import signal
 import sqlite3
 import threading
 import time
@@ -132,6 +133,21 @@ class DapProc(DapProcess):
             return []
         return [(int(a), int(b), int(c)) for a, b, c in re.findall(
             r"(\d+) envelopes, (\d+) of them not in a bundle, (\d+) bundles to", text)]
+
+    def bundle_seqs(self) -> set[int] | None:
+        """The sequence numbers of the bundles the DAP's queue holds
+        (unacknowledged), committed; None while it cannot be read."""
+        path = self.state_dir / "queue.sqlite3"
+        if not path.exists():
+            return None
+        try:
+            db = sqlite3.connect(path, timeout=5, isolation_level=None)
+            try:
+                return {seq for (seq,) in db.execute("SELECT seq FROM bundles")}
+            finally:
+                db.close()
+        except sqlite3.Error:
+            return None
 
     def queue_state(self) -> dict[str, int] | None:
         """What the DAP's disk queue holds, committed: envelopes, envelopes
@@ -714,10 +730,24 @@ def kill_dap_mid_buffer(rig: Rig, dap: int, down: float) -> dict[str, Any]:
     p = rig.daps[dap]
     limit = rig.cfg.dap_max_items
     least = min(20, len(rig.cfg.daps[dap]) // 2)
-    wait_until(lambda: (q := p.queue_state()) is not None and least <= q["unbundled"] < limit,
-               60, f"DAP {dap} to hold a partly filled buffer", interval=0.01)
-    p.kill()
-    held = p.queue_state()  # committed: everything the DAP acknowledged and still owns
+    held: dict[str, int] | None = None
+
+    def caught() -> bool:
+        """Freeze the DAP (SIGSTOP) and look: with a partly filled buffer it
+        is killed as it stands; otherwise it runs on until the next look.
+        (Looking and then killing a running DAP races its next flush.)"""
+        nonlocal held
+        p.proc.send_signal(signal.SIGSTOP)
+        q = p.queue_state()  # committed: everything the DAP acknowledged and still owns
+        if q is not None and least <= q["unbundled"] < limit:
+            p.kill()
+            held = q
+            return True
+        p.proc.send_signal(signal.SIGCONT)
+        return False
+
+    wait_until(caught, 60, f"DAP {dap} to hold a partly filled buffer", interval=0.01)
+    assert held is not None
     time.sleep(down)
     t = time.monotonic()
     p.start()

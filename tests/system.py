@@ -68,7 +68,7 @@ class System:
 
     def __init__(self, workdir: Path, kind: str, groups: dict[int, tuple[list[int], int | None]],
                  daps: dict[int, tuple[str, str]], *, window: float = 10.0,
-                 history_days: float = 2.0) -> None:
+                 history_days: float = 3.0) -> None:
         self.workdir = workdir
         self.kind = kind
         self.groups = groups

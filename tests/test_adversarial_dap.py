@@ -909,7 +909,7 @@ def test_dropped_interval_part_is_a_gap_and_is_reread(world: World) -> None:
     w = world
     x = 1004
     w.stop_headend()
-    he = w.start_headend(retries=0, budget={"A": 4, "B": 4},
+    he = w.start_headend(retries=0, budget=BUDGET,
                          collect=CollectPolicy(every=1.0, settle=0, backfill=2 * 86400,
                                                backoff=1.0, max_span=2 * 86400, tolerance=0))
     try:
@@ -945,9 +945,11 @@ def test_dropped_interval_part_is_a_gap_and_is_reread(world: World) -> None:
     assert reads.get("collect", 0) >= 1 and reads.get("gap", 0) >= 1, reads
     # the collector leaves a meter alone while a read of it is in flight:
     # once the first read is over (partial: a part never came), it re-reads
-    # exactly the hole
-    assert statuses[0] in ("partial", "timeout") and statuses[-1] == "answered"
-    assert [(a, b) for a, b, _ in reqs[1:]] == [dropped]  # exactly the hole, once
+    # exactly the hole. (An interval that closes meanwhile is collected by
+    # a read of its own, which starts where the first read ended.)
+    first_to = reqs[0][1]
+    assert statuses[0] in ("partial", "timeout")
+    assert [(a, b, st) for a, b, st in reqs[1:] if a < first_to] == [(*dropped, "answered")]
     assert d.db == {}
     w.record("drop one part of a multi-part interval response",
              "test_dropped_interval_part_is_a_gap_and_is_reread", d,

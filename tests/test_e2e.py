@@ -141,23 +141,25 @@ def test_group_interval_read_with_direct_members(system: System) -> None:
 # -- delay tolerance ----------------------------------------------------------------------
 
 def test_delay_tolerance_is_honoured_by_the_aggregating_dap(system: System) -> None:
-    """With a 3 s tolerance, the aggregating DAP (10 s window) holds the
+    """With an 8 s tolerance, the aggregating DAP (10 s window) holds the
     group's answers and sends them together by the deadline: fewer bundles
-    than answers, all of them stored, value for value."""
+    than answers, all of them stored, value for value. (The tolerance is
+    long enough for every meter to have answered before it runs out, even
+    on a busy machine.)"""
     ups = system.observe(topics.HEADEND, "headend-tolerance", [topics.dap_up(1)])
     next_second()
-    h = system.he.read_group(2, ReadSpec("current", tolerance=3), "fanout")
+    h = system.he.read_group(2, ReadSpec("current", tolerance=8), "fanout")
     assert h.wait(TIMEOUT) == {m: "answered" for m in BEHIND_AGG}
     for m in BEHIND_AGG:
         check_current(system, m, h.request)
-    wait_until(lambda: ups.count(topics.dap_up(1)) >= 1, 10, "the bundle")
+    wait_until(lambda: ups.count(topics.dap_up(1)) >= 1, 20, "the bundle")
     bundles = [gateway.decode(NATIVE, p) for t, p in ups.messages]
     carried = sum(len(b[3]) for b in bundles)
     assert carried >= len(BEHIND_AGG) and len(bundles) < len(BEHIND_AGG), bundles
     # the meters saw the tolerance too, inside the sealed request
     row = system.store.db.execute("SELECT tolerance FROM requests WHERE request = ?",
                                   (h.request,)).fetchone()
-    assert row[0] == 3
+    assert row[0] == 8
 
 
 # -- the third-party DAP sees only ciphertext ---------------------------------------------
