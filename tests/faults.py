@@ -134,39 +134,36 @@ class DapProc(DapProcess):
         return [(int(a), int(b), int(c)) for a, b, c in re.findall(
             r"(\d+) envelopes, (\d+) of them not in a bundle, (\d+) bundles to", text)]
 
-    def bundle_seqs(self) -> set[int] | None:
-        """The sequence numbers of the bundles the DAP's queue holds
-        (unacknowledged), committed; None while it cannot be read."""
+    def _read_queue(self, query: Callable[[sqlite3.Connection], Any]) -> Any:
+        """query() on the DAP's disk queue, with a connection of our own
+        (WAL: it does not block the DAP), so committed state only; None
+        while there is no queue or it cannot be read."""
         path = self.state_dir / "queue.sqlite3"
         if not path.exists():
             return None
         try:
             db = sqlite3.connect(path, timeout=5, isolation_level=None)
             try:
-                return {seq for (seq,) in db.execute("SELECT seq FROM bundles")}
+                return query(db)
             finally:
                 db.close()
         except sqlite3.Error:
             return None
 
+    def bundle_seqs(self) -> set[int] | None:
+        """The sequence numbers of the bundles the queue holds (unacknowledged)."""
+        return self._read_queue(
+            lambda db: {seq for (seq,) in db.execute("SELECT seq FROM bundles")})
+
     def queue_state(self) -> dict[str, int] | None:
-        """What the DAP's disk queue holds, committed: envelopes, envelopes
-        not yet in a bundle, bundles not acknowledged. Read with a connection
-        of our own (WAL: it does not block the DAP)."""
-        path = self.state_dir / "queue.sqlite3"
-        if not path.exists():
-            return None
-        try:
-            db = sqlite3.connect(path, timeout=5, isolation_level=None)
-            try:
-                env, free = db.execute(
-                    "SELECT COUNT(*), COALESCE(SUM(bundle IS NULL), 0) FROM envelopes").fetchone()
-                bundles = db.execute("SELECT COUNT(*) FROM bundles").fetchone()[0]
-            finally:
-                db.close()
-        except sqlite3.Error:
-            return None
-        return {"envelopes": int(env), "unbundled": int(free), "bundles": int(bundles)}
+        """What the DAP's disk queue holds: envelopes, envelopes not yet in
+        a bundle, bundles not acknowledged."""
+        def query(db: sqlite3.Connection) -> dict[str, int]:
+            env, free = db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(bundle IS NULL), 0) FROM envelopes").fetchone()
+            bundles = db.execute("SELECT COUNT(*) FROM bundles").fetchone()[0]
+            return {"envelopes": int(env), "unbundled": int(free), "bundles": int(bundles)}
+        return self._read_queue(query)
 
 
 class Observer:
