@@ -728,30 +728,41 @@ def kill_dap_mid_buffer(rig: Rig, dap: int, down: float) -> dict[str, Any]:
     limit = rig.cfg.dap_max_items
     least = min(20, len(rig.cfg.daps[dap]) // 2)
     held: dict[str, int] | None = None
+    assert rig.observer is not None and p.proc is not None
+
+    def start() -> None:
+        t = time.monotonic()
+        p.start()
+        wait_until(lambda: p.running() and any(s.get("state") == "online"
+                                             for _, s in rig.observer.history(dap, t)),
+                   30, f"DAP {dap} back online", diagnose=p.log)
 
     def caught() -> bool:
         """Freeze the DAP (SIGSTOP) and look: with a partly filled buffer it
-        is killed as it stands; otherwise it runs on until the next look.
-        (Looking and then killing a running DAP races its next flush.)"""
+        is killed where it stands, otherwise it runs on. (Looking and then
+        killing a running DAP races its next flush.) A frozen DAP may have
+        written a commit to its WAL and not yet indexed it, which the look
+        misses; what the kill left is read after it (the first reader of a
+        crashed WAL database recovers every commit). In the rare case that
+        commit was a flush, which empties the buffer, the DAP is started
+        again and caught anew."""
         nonlocal held
         p.proc.send_signal(signal.SIGSTOP)
-        q = p.queue_state()  # committed: everything the DAP acknowledged and still owns
-        if q is not None and least <= q["unbundled"] < limit:
-            p.kill()
-            held = q
+        q = p.queue_state()
+        if q is None or not least <= q["unbundled"] < limit:
+            p.proc.send_signal(signal.SIGCONT)
+            return False
+        p.kill()
+        held = p.queue_state()  # committed: everything the DAP acknowledged and still owns
+        if held is not None and held["unbundled"] > 0:
             return True
-        p.proc.send_signal(signal.SIGCONT)
+        start()
         return False
 
-    wait_until(caught, 60, f"DAP {dap} to hold a partly filled buffer", interval=0.01)
+    wait_until(caught, 120, f"DAP {dap} to hold a partly filled buffer", interval=0.01)
     assert held is not None
     time.sleep(down)
-    t = time.monotonic()
-    p.start()
-    assert rig.observer is not None
-    wait_until(lambda: p.running() and any(s.get("state") == "online"
-                                         for _, s in rig.observer.history(dap, t)),
-               30, f"DAP {dap} back online", diagnose=p.log)
+    start()
     return {"held_at_kill": held, "recovered": p.recovery_lines()[-1]}
 
 
