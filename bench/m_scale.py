@@ -1,5 +1,5 @@
 """scale_out_2_workers: two head-end ingest workers sharing a Mosquitto
-shared subscription ($share/headend/+/up, HeadEnd(subscription=...)) divided by
+shared subscription ($share/headend/+/up: headend.config.SHARED_UPLINKS) divided by
 one worker on the same subscription, same load, same run.
 
 Method: the load is DAP bundles (500 sealed current readings each, as an
@@ -54,7 +54,7 @@ from bench.common import (
     wait_for,
 )
 from bench.loadgen import Sealer, bundles
-from headend.service import SHARED_UP
+from headend.config import SHARED_UPLINKS
 
 NAMES = ("scale_out_2_workers", "scale_out_2_workers_sharded_store")
 
@@ -86,12 +86,11 @@ def _run(site: Site, host: str, port: int, msgs, n_env: int, dbs: list[Path],
     cids = [f"headend-{tag}-{i}" for i in range(len(dbs))]
     # 1. sessions
     for cid in cids:
-        create_session(host, port, cid, [SHARED_UP])
+        create_session(host, port, cid, list(SHARED_UPLINKS))
     # 2. fill
     publish_all(host, port, msgs)
     # 3. drain
-    workers = [ChildLines(cid, "bench.worker", [str(db), str(keyfile), host, str(port), cid,
-                                                 SHARED_UP],
+    workers = [ChildLines(cid, "bench.worker", [str(db), str(keyfile), host, str(port), cid],
                           logs) for cid, db in zip(cids, dbs)]
     try:
         for w in workers:

@@ -1,7 +1,7 @@
 """One head-end ingest worker (headend.service.HeadEnd) in a process of its
 own, driven by JSON lines (see bench.fleetproc):
 
-    python -m bench.worker DB KEYFILE HOST PORT CLIENT_ID SUBSCRIPTION
+    python -m bench.worker DB KEYFILE HOST PORT CLIENT_ID
 
 Builds the HeadEnd (scheduled collection off), emits {"built"}, waits for
 "go", connects (persistent session, manual acks after commit, as `serve`),
@@ -16,6 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
+from headend.config import SHARED_UPLINKS
 from headend.service import HeadEnd
 from shared.hostmqtt import BrokerSettings
 
@@ -26,12 +27,12 @@ def emit(**ev) -> None:
 
 
 def main() -> None:
-    db, keyfile, host, port, cid, sub = sys.argv[1:7]
+    db, keyfile, host, port, cid = sys.argv[1:6]
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     he = HeadEnd(Path(db), Path(keyfile).read_bytes(),
                  BrokerSettings(host=host, port=int(port), keepalive=120),
-                 client_id=cid, subscription=sub)
+                 client_id=cid, subscriptions=SHARED_UPLINKS)
     emit(built=True)
     started = False
     for line in sys.stdin:

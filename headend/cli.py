@@ -111,7 +111,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # head-end (no --worker) also collects.
         he = HeadEnd(cfg.db, cfg.secret_key, cfg.broker, retries=cfg.retries,
                      client_id=f"{topics.HEADEND}-w{k}" if k else topics.HEADEND,
-                     collect=None if k else cfg.collect, subscription=cfg.uplinks).start()
+                     collect=None if k else cfg.collect, subscriptions=cfg.uplinks).start()
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
@@ -154,7 +154,7 @@ def cmd_read(args: argparse.Namespace) -> int:
     with _lock(cfg.site) as mine:
         he = HeadEnd(cfg.db, cfg.secret_key, cfg.broker, retries=cfg.retries, ingest=mine,
                      client_id="headend" if mine else f"headend-cli-{os.getpid()}",
-                     subscription=cfg.uplinks)
+                     subscriptions=cfg.uplinks)
         he.start()
         try:
             if args.meter is not None:

@@ -9,11 +9,14 @@ from pathlib import Path
 
 from headend.collect import CollectPolicy
 from headend.errors import ConfigError
-from headend.service import SHARED_UP
+from shared import topics
 from shared.hostmqtt import BrokerSettings
 
-
 MAX_WORKERS = 16
+# What every ingest process of a site subscribes to when [ingest] workers
+# is more than 1: the head-end's uplinks as one shared subscription, so the
+# broker hands each uplink to one of them (Mosquitto; amqtt has none).
+SHARED_UPLINKS = tuple(f"$share/{topics.HEADEND}/{t}" for t in topics.HEADEND_SUBSCRIPTIONS)
 
 
 @dataclass(frozen=True)
@@ -33,10 +36,10 @@ class HeadEndConfig:
             raise ConfigError(f"headend.toml: [ingest] workers must be 1 to {MAX_WORKERS}")
 
     @property
-    def uplinks(self) -> str | None:
-        """What an ingesting process subscribes to, if not the default: with
-        several workers, the shared subscription they split."""
-        return SHARED_UP if self.workers > 1 else None
+    def uplinks(self) -> tuple[str, ...]:
+        """What an ingesting process subscribes to: with several workers,
+        the shared subscription they split."""
+        return SHARED_UPLINKS if self.workers > 1 else topics.HEADEND_SUBSCRIPTIONS
 
     @property
     def secret_key(self) -> bytes:

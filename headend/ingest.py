@@ -264,7 +264,7 @@ class Ingest:
         data_version changes when any other connection commits: while it
         has not, the cache is the store (one pragma per batch); once it
         has, every cached state is suspect and the batch's meters are read
-        again, in one query per 200, under the write lock, so nothing can
+        again, in one query per CHUNK, under the write lock, so nothing can
         move them before this transaction commits."""
         version = db.execute("PRAGMA data_version").fetchone()[0]
         if version != self._version:

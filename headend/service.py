@@ -28,11 +28,6 @@ log = logging.getLogger("headend")
 
 DONE = ("answered", "no-data", "expired", "malformed", "unsupported", "timeout")
 
-# What the ingest workers of one site subscribe to when there are several
-# ([ingest] workers in headend.toml): a shared subscription, so the broker
-# hands each uplink to one of them (Mosquitto; amqtt has none).
-SHARED_UP = "$share/headend/+/up"
-
 
 @dataclass
 class _Pending:
@@ -84,7 +79,7 @@ class HeadEnd:
     def __init__(self, db: Path, secret_key: bytes, broker: BrokerSettings, *,
                  client_id: str = topics.HEADEND, backend: Backend = DEFAULT,
                  retries: int = 2, batch_max: int = 2000, batch_bytes: int = 4 << 20,
-                 subscription: str | None = None,
+                 subscriptions: tuple[str, ...] = topics.HEADEND_SUBSCRIPTIONS,
                  on_batch: Callable[[Batch], None] | None = None,
                  delay_per_message: float = 0.0, ingest: bool = True,
                  collect: CollectPolicy | None = None,
@@ -114,7 +109,7 @@ class HeadEnd:
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self.subscriptions = (subscription,) if subscription else topics.HEADEND_SUBSCRIPTIONS
+        self.subscriptions = subscriptions  # HeadEndConfig.uplinks: shared with several workers
         self.ingesting = ingest
         self.mqtt = client(broker, client_id, clean_session=not ingest, manual_ack=ingest)
         self.mqtt.on_message = self._on_message

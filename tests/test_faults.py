@@ -34,7 +34,7 @@ from nacl.public import PrivateKey
 
 from firmware.meter import Meter
 from firmware.metrology import SimulatedLoad
-from headend.ingest import Ingest
+from headend.ingest import Batch, Ingest
 from headend.service import HeadEnd
 from headend.store import Store
 from shared import gateway
@@ -189,9 +189,13 @@ def test_headend_restart(kind: str, tmp_path: Path, table: list[Report]) -> None
         # gone, so the queues are judged only from the moment none of these
         # bundles is left in them.
         acked: dict[int, set[int]] = {d: set() for d in rig.daps}
+
+        def record_acks(batch: Batch) -> None:
+            for d, seqs in batch.acks.items():
+                acked.setdefault(d, set()).update(seqs)
+
         assert rig.he is not None
-        rig.he.on_batch = lambda b: [acked[d].update(seqs) for d, seqs in b.acks.items()
-                                     if d in acked]
+        rig.he.on_batch = record_acks
         samples: list[tuple[float, dict]] = []
         settled: dict[int, float] = {}
         t0 = time.monotonic()
