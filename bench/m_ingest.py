@@ -4,9 +4,12 @@ loop over the same envelopes, in the same process, side by side.
 
 Method:
 - A store on disk (SQLite, WAL, synchronous=FULL as the head-end runs it),
-  N meters registered behind one DAP, one request row per meter per round
-  (as a group read leaves them), and per round one sealed response per
-  meter, sealed by the meter-side Channel (native backend).
+  N meters registered behind one DAP, HISTORY_DAYS of 15-minute interval
+  readings of every meter already stored (a running head-end's store is
+  not empty, and how a store's cost grows with its history is part of
+  what this measures), one request row per meter per round (as a group
+  read leaves them), and per round one sealed response per meter, sealed
+  by the meter-side Channel (native backend).
 - The envelopes travel as the DAP sends them: CBOR bundles of 500
   (provision's max_items). The ingest side is headend.ingest.Ingest.process,
   exactly what the service's ingest thread calls: 4 bundles (2,000
@@ -41,7 +44,7 @@ from bench.common import log, wanted
 from bench.loadgen import T0
 from headend.ingest import Ingest
 from headend.store import Store
-from shared import gateway
+from shared import gateway, obis
 from shared.backend import NATIVE
 from shared.channel import Channel
 from shared.const import T_CURRENT, T_INTERVAL, UP
@@ -51,6 +54,9 @@ NAMES = ("ingest_vs_raw_open", "ingest_vs_raw_open_interval_6h")
 
 BUNDLE = 500
 BUNDLES_PER_BATCH = 4
+# The store holds this much history of every meter before the run: a
+# store's layout decides whether ingest slows down as it fills (store.py).
+HISTORY_DAYS = 7
 
 
 def _bodies(kind: str, m: int, r: int) -> tuple[int, list]:
@@ -63,7 +69,25 @@ def _bodies(kind: str, m: int, r: int) -> tuple[int, list]:
                         [5, 4] if m % 3 == 0 else []]
 
 
-def _run_kind(kind: str, workdir: Path, meters: int, reps: int, rounds: int) -> dict:
+def _fill_history(store: Store, days: float) -> None:
+    """What the store of a running head-end holds: `days` of 15-minute
+    interval readings (import and export) of every meter, before T0. Made
+    in SQL, in time order, through the same staging table ingest uses."""
+    with store.transaction() as db:
+        db.execute("DELETE FROM temp.staged_readings")
+        db.execute(
+            "WITH RECURSIVE t(s) AS (SELECT ?1 UNION ALL SELECT s + 900 FROM t WHERE s + 900 < ?2) "
+            "INSERT INTO temp.staged_readings (meter, quantity, start, value, quality, "
+            "received_at, request) SELECT m.meter, q.tag, t.s, (m.meter + t.s) % 120, 0, t.s, "
+            "NULL FROM t, meters m, (SELECT ?3 AS tag UNION ALL SELECT ?4) q",
+            (T0 - int(days * 86400), T0, obis.INTERVAL_IMPORT, obis.INTERVAL_EXPORT))
+        store.add_staged_readings(db)
+        db.execute("DELETE FROM temp.staged_readings")
+    store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+def _run_kind(kind: str, workdir: Path, meters: int, reps: int, rounds: int,
+              history_days: float) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     db = workdir / f"ingest-{kind}.db"
     for suffix in ("", "-wal", "-shm"):
@@ -74,6 +98,8 @@ def _run_kind(kind: str, workdir: Path, meters: int, reps: int, rounds: int) -> 
     ids = list(range(1, meters + 1))
     secrets = {m: PrivateKey.generate() for m in ids}
     store.add_meters([(m, bytes(secrets[m].public_key), 1, 1, 900) for m in ids])
+    if history_days:
+        _fill_history(store, history_days)
     chans = {m: Channel(NATIVE, NATIVE.beforenm(bytes(he.public_key), bytes(secrets[m])), m, UP,
                         Counter()) for m in ids}
     boxes = {m: Box(he, PublicKey(bytes(secrets[m].public_key))) for m in ids}
@@ -139,16 +165,17 @@ def _run_kind(kind: str, workdir: Path, meters: int, reps: int, rounds: int) -> 
 def run(quick: bool, workdir: Path, only) -> dict:
     out = {}
     plan = {
-        "current": (300, 2, 2) if quick else (2000, 5, 4),
-        "interval": (200, 2, 1) if quick else (2000, 3, 2),
+        "current": (300, 2, 2, 1) if quick else (2000, 5, 4, HISTORY_DAYS),
+        "interval": (200, 2, 1, 1) if quick else (2000, 3, 2, HISTORY_DAYS),
     }
     for kind, name in (("current", "ingest_vs_raw_open"),
                        ("interval", "ingest_vs_raw_open_interval_6h")):
         if not wanted((name,), only):
             continue
-        meters, reps, rounds = plan[kind]
-        log(f"ingest {kind}: {meters} meters, {reps} repetitions of {rounds} round(s)")
-        r = _run_kind(kind, workdir, meters, reps, rounds)
+        meters, reps, rounds, days = plan[kind]
+        log(f"ingest {kind}: {meters} meters with {days} day(s) of history, "
+            f"{reps} repetitions of {rounds} round(s)")
+        r = _run_kind(kind, workdir, meters, reps, rounds, days)
         what = ("current readings (4 registers, %d B envelopes, 4 rows each)" % r["envelope_bytes"]
                 if kind == "current" else
                 "6-hour interval responses (%d B envelopes, %d rows each)"
@@ -167,6 +194,7 @@ def run(quick: bool, workdir: Path, only) -> dict:
                 "rows_stored": r["stored_rows"],
                 "bundle_size": BUNDLE, "envelopes_per_commit": BUNDLE * BUNDLES_PER_BATCH,
                 "store": "SQLite on disk, WAL, synchronous=FULL",
+                "history_days_stored_before": days,
             },
         }
     return out

@@ -207,9 +207,7 @@ def cmd_meters(args: argparse.Namespace) -> int:
     db = store.db
     out = []
     for m in store.meters():
-        last = db.execute(
-            "SELECT start, value FROM readings WHERE meter = ? AND quantity = ? "
-            "ORDER BY start DESC LIMIT 1", (m.meter, obis.ENERGY_IMPORT)).fetchone()
+        last = store.latest(m.meter, obis.ENERGY_IMPORT)
         online, seen, session = db.execute(
             "SELECT online, last_seen, session FROM meters WHERE meter = ?", (m.meter,)).fetchone()
         total, ok = db.execute(

@@ -4,10 +4,21 @@ One file holds the registry (meters, DAPs), the readings, the request log,
 the replay state of every meter's channel and the head-end's sequences.
 Readings have one row per (meter, OBIS quantity, interval start); the
 primary key is what makes a redelivered reading a no-op.
+
+Readings are clustered by the hour they belong to, then by meter: the
+primary key is (hour, meter, start, quantity). A batch from many meters
+then writes to the few pages of the hours it covers. Clustered by meter
+first, every batch wrote one page (or more) per meter in it, however few
+rows each meter had, and a meter's rows spread over more pages as its
+history grew: ingest got slower as the store aged (make bench,
+ingest_vs_raw_open, measures a store that already holds history). One
+meter's readings are found by seeking (hour, meter) in each hour of the
+range asked for that holds any reading (_HOURS).
 """
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import time
@@ -20,7 +31,28 @@ from pathlib import Path
 
 from shared import obis
 
-SCHEMA = """
+log = logging.getLogger("headend.store")
+
+READINGS = """
+CREATE TABLE IF NOT EXISTS readings (
+    hour        INTEGER NOT NULL,        -- start / 3600: the clustering (module docstring)
+    meter       INTEGER NOT NULL,
+    quantity    INTEGER NOT NULL,        -- a tag of the quantities table (no REFERENCES: below)
+    start       INTEGER NOT NULL,
+    value       INTEGER NOT NULL,
+    quality     INTEGER NOT NULL DEFAULT 0,
+    received_at REAL NOT NULL,
+    request     INTEGER,
+    PRIMARY KEY (hour, meter, start, quantity),
+    CHECK (hour = start / 3600)
+) WITHOUT ROWID
+"""
+# Ingest admits only the quantity tags of shared.obis.CODES (the protocol's
+# checks, shared/messages.py), and those are the quantities table. A foreign
+# key would look each new reading up in that table again: about 1 us of an
+# envelope's 22 (make bench, ingest_vs_raw_open).
+
+SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS quantities (
     tag     INTEGER PRIMARY KEY,
     obis    TEXT NOT NULL UNIQUE,
@@ -45,16 +77,7 @@ CREATE TABLE IF NOT EXISTS meters (
     pending_will INTEGER
 );
 CREATE INDEX IF NOT EXISTS meters_by_group ON meters (grp);
-CREATE TABLE IF NOT EXISTS readings (
-    meter       INTEGER NOT NULL,
-    quantity    INTEGER NOT NULL REFERENCES quantities(tag),
-    start       INTEGER NOT NULL,
-    value       INTEGER NOT NULL,
-    quality     INTEGER NOT NULL DEFAULT 0,
-    received_at REAL NOT NULL,
-    request     INTEGER,
-    PRIMARY KEY (meter, start, quantity)
-) WITHOUT ROWID;
+{READINGS};
 CREATE TABLE IF NOT EXISTS requests (
     request     INTEGER NOT NULL,
     meter       INTEGER NOT NULL,
@@ -125,8 +148,25 @@ CHUNK = 200
 _COLUMNS = "meter, quantity, start, value, quality, received_at, request"
 # {values}: where _chunked puts the rows of one chunk
 _STAGE = f"INSERT INTO temp.staged_readings ({_COLUMNS}) VALUES {{values}}"
-_FROM_STAGE = (f"INSERT OR IGNORE INTO readings ({_COLUMNS}) "
-               f"SELECT {_COLUMNS} FROM temp.staged_readings")
+_FROM_STAGE = (f"INSERT OR IGNORE INTO readings (hour, {_COLUMNS}) "
+               f"SELECT start / 3600, {_COLUMNS} FROM temp.staged_readings")
+# One meter's readings: the hours from ?1 to ?2 that hold any reading,
+# found in order by stepping from one to the next (each step a seek on the
+# primary key, so an hour with no readings costs nothing, however far
+# apart two readings are), outermost (CROSS JOIN keeps that order), each
+# joined by a seek on (hour, meter = ?3).
+_HOURS = ("WITH RECURSIVE h(x) AS (SELECT (SELECT min(hour) FROM readings WHERE hour >= ?1) "
+          "UNION ALL SELECT (SELECT min(hour) FROM readings WHERE hour > h.x) FROM h "
+          "WHERE h.x < ?2) "
+          "SELECT {columns} FROM h CROSS JOIN readings r ON r.hour = h.x AND r.meter = ?3 "
+          "WHERE {where}")
+# The latest hour, at or before ?2, holding a reading of quantity ?4 of
+# meter ?3: the same steps, downwards.
+_LATEST_HOUR = ("WITH RECURSIVE h(x) AS (SELECT (SELECT max(hour) FROM readings "
+                "WHERE hour <= ?2) UNION ALL SELECT (SELECT max(hour) FROM readings "
+                "WHERE hour < h.x) FROM h WHERE h.x > ?1) "
+                "SELECT x FROM h WHERE EXISTS (SELECT 1 FROM readings r WHERE r.hour = h.x "
+                "AND r.meter = ?3 AND r.quantity = ?4) LIMIT 1")
 _STATES = ("SELECT meter, win_top, win_bits, pending_will, session FROM meters "
            "WHERE meter IN (VALUES {values})")
 _CHANNELS = ("UPDATE meters SET win_top = v.column2, win_bits = v.column3, "
@@ -155,12 +195,14 @@ def _chunked(db: sqlite3.Connection, sql: str, width: int, rows: Sequence[tuple]
     return out
 
 
-# Every batch of readings dirties about one page per meter in it (a meter's
-# rows are clustered), so a commit writes thousands of pages to the WAL.
-# With SQLite's default (checkpoint at 1,000 pages) nearly every commit also
-# checkpoints - copies those pages into the database and fsyncs it - which
-# doubled the commit's cost (make bench, ingest_vs_raw_open). A larger WAL
-# checkpoints a page once for many commits; the cache holds the hot pages.
+# A commit writes every page its batch dirtied to the WAL, and with SQLite's
+# default a WAL of 1,000 pages is copied back into the database (and
+# fsynced) by the commit that fills it. While readings were clustered by
+# meter, a batch dirtied a page per meter, nearly every commit also
+# checkpointed, and that doubled its cost (make bench, ingest_vs_raw_open).
+# Clustered by hour, a batch of a few thousand envelopes dirties a few
+# hundred pages, mostly the same ones as the batch before: a larger WAL
+# copies such a page back once for many commits; the cache holds them.
 CHECKPOINT_PAGES = 16384  # 64 MiB of WAL at 4 KiB pages
 CACHE_KIB = 65536
 
@@ -192,9 +234,27 @@ class Store:
             "INSERT OR IGNORE INTO quantities (tag, obis, unit) VALUES (?, ?, ?)",
             [(tag, code, unit) for tag, (code, unit) in obis.CODES.items()],
         )
+        with self.transaction() as db:
+            self._migrate(db)
 
     def close(self) -> None:
         self.db.close()
+
+    @staticmethod
+    def _migrate(db: sqlite3.Connection) -> None:
+        """Bring a store made by an earlier version to this schema. Readings
+        clustered by meter (no hour column) are copied into the table
+        clustered by hour, once; nothing else changed shape."""
+        columns = [r[1] for r in db.execute("PRAGMA table_info(readings)")]
+        if not columns or "hour" in columns:
+            return
+        log.warning("store %s: re-clustering its readings by hour (once, after an upgrade)",
+                    db.execute("PRAGMA database_list").fetchone()[2])
+        db.execute("ALTER TABLE readings RENAME TO readings_by_meter")
+        db.execute(READINGS)
+        db.execute(f"INSERT INTO readings (hour, {_COLUMNS}) "
+                   f"SELECT start / 3600, {_COLUMNS} FROM readings_by_meter")
+        db.execute("DROP TABLE readings_by_meter")
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -408,11 +468,29 @@ class Store:
             "next_at = excluded.next_at, failures = excluded.failures, day = excluded.day, "
             "reads = excluded.reads", (meter, since, next_at, failures, day, reads))
 
+    @staticmethod
+    def _hours(start: int, end: int) -> tuple[int, int] | None:
+        """The first and last hour of [start, end), or None if it is empty."""
+        return (start // 3600, (end - 1) // 3600) if start < end else None
+
     def interval_starts(self, meter: int, start: int, end: int) -> list[int]:
         """Starts of the import-interval rows held for a meter in [start, end)."""
+        hours = self._hours(start, end)
+        if hours is None:
+            return []
         return [r[0] for r in self.db.execute(
-            "SELECT start FROM readings WHERE meter = ? AND quantity = ? AND start >= ? "
-            "AND start < ? ORDER BY start", (meter, obis.INTERVAL_IMPORT, start, end))]
+            _HOURS.format(columns="r.start", where="r.quantity = ?4 AND r.start >= ?5 "
+                          "AND r.start < ?6 ORDER BY r.start"),
+            (*hours, meter, obis.INTERVAL_IMPORT, start, end))]
+
+    def latest(self, meter: int, quantity: int) -> tuple[int, int] | None:
+        """(start, value) of a meter's latest reading of a quantity, or None."""
+        row = self.db.execute(_LATEST_HOUR, (0, 2**62 // 3600, meter, quantity)).fetchone()
+        if row is None:
+            return None
+        return self.db.execute(
+            "SELECT start, value FROM readings WHERE hour = ? AND meter = ? AND quantity = ? "
+            "ORDER BY start DESC LIMIT 1", (row[0], meter, quantity)).fetchone()
 
     def online(self) -> dict[int, bool]:
         return {m: bool(o) for m, o in self.db.execute("SELECT meter, online FROM meters")}
@@ -425,15 +503,19 @@ class Store:
     def readings(self, meter: int, quantity: int | None = None, start: int = 0,
                  end: int = 2**62) -> list[tuple[int, int, int, int, int | None]]:
         """(quantity, start, value, quality, request) for a meter, ordered."""
+        hours = self._hours(start, end)
+        if hours is None:
+            return []
+        columns = "r.quantity, r.start, r.value, r.quality, r.request"
         if quantity is None:
             return list(self.db.execute(
-                "SELECT quantity, start, value, quality, request FROM readings "
-                "WHERE meter = ? AND start >= ? AND start < ? ORDER BY quantity, start",
-                (meter, start, end)))
+                _HOURS.format(columns=columns, where="r.start >= ?4 AND r.start < ?5 "
+                              "ORDER BY r.quantity, r.start"),
+                (*hours, meter, start, end)))
         return list(self.db.execute(
-            "SELECT quantity, start, value, quality, request FROM readings "
-            "WHERE meter = ? AND quantity = ? AND start >= ? AND start < ? ORDER BY start",
-            (meter, quantity, start, end)))
+            _HOURS.format(columns=columns, where="r.quantity = ?4 AND r.start >= ?5 "
+                          "AND r.start < ?6 ORDER BY r.start"),
+            (*hours, meter, quantity, start, end)))
 
     def reading_count(self) -> int:
         return self.db.execute("SELECT count(*) FROM readings").fetchone()[0]
