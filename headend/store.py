@@ -6,7 +6,8 @@ Readings have one row per (meter, OBIS quantity, interval start); the
 primary key is what makes a redelivered reading a no-op.
 
 Readings are clustered by the hour they belong to, then by meter: the
-primary key is (hour, meter, start, quantity). A batch from many meters
+table readings_by_hour has the primary key (hour, meter, start, quantity),
+and `readings` is a view of it without the hour. A batch from many meters
 then writes to the few pages of the hours it covers. Clustered by meter
 first, every batch wrote one page (or more) per meter in it, however few
 rows each meter had, and a meter's rows spread over more pages as its
@@ -34,7 +35,7 @@ from shared import obis
 log = logging.getLogger("headend.store")
 
 READINGS = """
-CREATE TABLE IF NOT EXISTS readings (
+CREATE TABLE IF NOT EXISTS readings_by_hour (
     hour        INTEGER NOT NULL,        -- start / 3600: the clustering (module docstring)
     meter       INTEGER NOT NULL,
     quantity    INTEGER NOT NULL,        -- a tag of the quantities table (no REFERENCES: below)
@@ -46,6 +47,18 @@ CREATE TABLE IF NOT EXISTS readings (
     PRIMARY KEY (hour, meter, start, quantity),
     CHECK (hour = start / 3600)
 ) WITHOUT ROWID
+"""
+# `readings` is a view of it in the shape the table had before the hour
+# column (module docstring): what ad-hoc SQL reads. A head-end of that
+# older version still running on an upgraded store fails on its first
+# insert ("cannot modify readings because it is a view"), so it stores and
+# acknowledges nothing: its messages wait for the upgraded version. Had
+# `readings` stayed a table with a NOT NULL hour, that version's INSERT OR
+# IGNORE would have skipped every row without an error, and acknowledged
+# the envelopes as duplicates.
+READINGS_VIEW = """
+CREATE VIEW IF NOT EXISTS readings AS
+SELECT meter, quantity, start, value, quality, received_at, request FROM readings_by_hour
 """
 # Ingest admits only the quantity tags of shared.obis.CODES (the protocol's
 # checks, shared/messages.py), and those are the quantities table. A foreign
@@ -78,6 +91,7 @@ CREATE TABLE IF NOT EXISTS meters (
 );
 CREATE INDEX IF NOT EXISTS meters_by_group ON meters (grp);
 {READINGS};
+{READINGS_VIEW};
 CREATE TABLE IF NOT EXISTS requests (
     request     INTEGER NOT NULL,
     meter       INTEGER NOT NULL,
@@ -148,24 +162,27 @@ CHUNK = 200
 _COLUMNS = "meter, quantity, start, value, quality, received_at, request"
 # {values}: where _chunked puts the rows of one chunk
 _STAGE = f"INSERT INTO temp.staged_readings ({_COLUMNS}) VALUES {{values}}"
-_FROM_STAGE = (f"INSERT OR IGNORE INTO readings (hour, {_COLUMNS}) "
+_FROM_STAGE = (f"INSERT OR IGNORE INTO readings_by_hour (hour, {_COLUMNS}) "
                f"SELECT start / 3600, {_COLUMNS} FROM temp.staged_readings")
 # One meter's readings: the hours from ?1 to ?2 that hold any reading,
 # found in order by stepping from one to the next (each step a seek on the
 # primary key, so an hour with no readings costs nothing, however far
 # apart two readings are), outermost (CROSS JOIN keeps that order), each
 # joined by a seek on (hour, meter = ?3).
-_HOURS = ("WITH RECURSIVE h(x) AS (SELECT (SELECT min(hour) FROM readings WHERE hour >= ?1) "
-          "UNION ALL SELECT (SELECT min(hour) FROM readings WHERE hour > h.x) FROM h "
+_HOURS = ("WITH RECURSIVE h(x) AS (SELECT (SELECT min(hour) FROM readings_by_hour "
+          "WHERE hour >= ?1) UNION ALL SELECT (SELECT min(hour) FROM readings_by_hour "
+          "WHERE hour > h.x) FROM h "
           "WHERE h.x < ?2) "
-          "SELECT {columns} FROM h CROSS JOIN readings r ON r.hour = h.x AND r.meter = ?3 "
+          "SELECT {columns} FROM h CROSS JOIN readings_by_hour r ON r.hour = h.x "
+          "AND r.meter = ?3 "
           "WHERE {where}")
 # The latest hour, at or before ?2, holding a reading of quantity ?4 of
 # meter ?3: the same steps, downwards.
-_LATEST_HOUR = ("WITH RECURSIVE h(x) AS (SELECT (SELECT max(hour) FROM readings "
-                "WHERE hour <= ?2) UNION ALL SELECT (SELECT max(hour) FROM readings "
+_LATEST_HOUR = ("WITH RECURSIVE h(x) AS (SELECT (SELECT max(hour) FROM readings_by_hour "
+                "WHERE hour <= ?2) UNION ALL SELECT (SELECT max(hour) FROM readings_by_hour "
                 "WHERE hour < h.x) FROM h WHERE h.x > ?1) "
-                "SELECT x FROM h WHERE EXISTS (SELECT 1 FROM readings r WHERE r.hour = h.x "
+                "SELECT x FROM h WHERE EXISTS (SELECT 1 FROM readings_by_hour r "
+                "WHERE r.hour = h.x "
                 "AND r.meter = ?3 AND r.quantity = ?4) LIMIT 1")
 _STATES = ("SELECT meter, win_top, win_bits, pending_will, session FROM meters "
            "WHERE meter IN (VALUES {values})")
@@ -242,19 +259,26 @@ class Store:
 
     @staticmethod
     def _migrate(db: sqlite3.Connection) -> None:
-        """Bring a store made by an earlier version to this schema. Readings
-        clustered by meter (no hour column) are copied into the table
-        clustered by hour, once; nothing else changed shape."""
-        columns = [r[1] for r in db.execute("PRAGMA table_info(readings)")]
-        if not columns or "hour" in columns:
+        """Bring a store made by an earlier version to this schema: if
+        `readings` is still a table (readings clustered by meter), its rows
+        are copied into readings_by_hour, once, and `readings` becomes the
+        view. Inside one write transaction: the other processes opening the
+        store wait for it (about 2 s per million readings here), and the
+        copy needs free disk space for a second copy of the table."""
+        kind = db.execute("SELECT type FROM sqlite_master WHERE name = 'readings'").fetchone()
+        if kind is None or kind[0] != "table":
             return
-        log.warning("store %s: re-clustering its readings by hour (once, after an upgrade)",
-                    db.execute("PRAGMA database_list").fetchone()[2])
-        db.execute("ALTER TABLE readings RENAME TO readings_by_meter")
-        db.execute(READINGS)
-        db.execute(f"INSERT INTO readings (hour, {_COLUMNS}) "
-                   f"SELECT start / 3600, {_COLUMNS} FROM readings_by_meter")
-        db.execute("DROP TABLE readings_by_meter")
+        path = db.execute("PRAGMA database_list").fetchone()[2]
+        log.warning("store %s: re-clustering its readings by hour, once, after an upgrade; "
+                    "every process using this store waits until it is done", path)
+        began = time.monotonic()
+        db.execute(f"INSERT OR IGNORE INTO readings_by_hour (hour, {_COLUMNS}) "
+                   f"SELECT start / 3600, {_COLUMNS} FROM readings")
+        copied = db.execute("SELECT changes()").fetchone()[0]
+        db.execute("DROP TABLE readings")
+        db.execute(READINGS_VIEW)
+        log.warning("store %s: %d readings re-clustered in %.1f s", path, copied,
+                    time.monotonic() - began)
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -484,12 +508,16 @@ class Store:
             (*hours, meter, obis.INTERVAL_IMPORT, start, end))]
 
     def latest(self, meter: int, quantity: int) -> tuple[int, int] | None:
-        """(start, value) of a meter's latest reading of a quantity, or None."""
+        """(start, value) of a meter's latest reading of a quantity, or None.
+        Walks down the hours that hold readings, from the newest: it stops
+        at once for a meter read recently, and passes every hour stored for
+        a meter that has no such reading."""
         row = self.db.execute(_LATEST_HOUR, (0, 2**62 // 3600, meter, quantity)).fetchone()
         if row is None:
             return None
         return self.db.execute(
-            "SELECT start, value FROM readings WHERE hour = ? AND meter = ? AND quantity = ? "
+            "SELECT start, value FROM readings_by_hour WHERE hour = ? AND meter = ? "
+            "AND quantity = ? "
             "ORDER BY start DESC LIMIT 1", (row[0], meter, quantity)).fetchone()
 
     def online(self) -> dict[int, bool]:
@@ -518,7 +546,7 @@ class Store:
             (*hours, meter, quantity, start, end)))
 
     def reading_count(self) -> int:
-        return self.db.execute("SELECT count(*) FROM readings").fetchone()[0]
+        return self.db.execute("SELECT count(*) FROM readings_by_hour").fetchone()[0]
 
     def now(self) -> float:
         return time.time()
