@@ -34,9 +34,14 @@ from shared import obis
 
 log = logging.getLogger("headend.store")
 
-READINGS = """
+# A reading's hour, the readings' clustering (module docstring): in seconds,
+# and as SQL over a row's start.
+HOUR = 3600
+_HOUR_OF = f"start / {HOUR}"
+
+READINGS = f"""
 CREATE TABLE IF NOT EXISTS readings_by_hour (
-    hour        INTEGER NOT NULL,        -- start / 3600: the clustering (module docstring)
+    hour        INTEGER NOT NULL,        -- {_HOUR_OF}
     meter       INTEGER NOT NULL,
     quantity    INTEGER NOT NULL,        -- a tag of the quantities table (no REFERENCES: below)
     start       INTEGER NOT NULL,
@@ -45,7 +50,7 @@ CREATE TABLE IF NOT EXISTS readings_by_hour (
     received_at REAL NOT NULL,
     request     INTEGER,
     PRIMARY KEY (hour, meter, start, quantity),
-    CHECK (hour = start / 3600)
+    CHECK (hour = {_HOUR_OF})
 ) WITHOUT ROWID
 """
 # `readings` is a view of it in the shape the table had before the hour
@@ -162,28 +167,30 @@ CHUNK = 200
 _COLUMNS = "meter, quantity, start, value, quality, received_at, request"
 # {values}: where _chunked puts the rows of one chunk
 _STAGE = f"INSERT INTO temp.staged_readings ({_COLUMNS}) VALUES {{values}}"
-_FROM_STAGE = (f"INSERT OR IGNORE INTO readings_by_hour (hour, {_COLUMNS}) "
-               f"SELECT start / 3600, {_COLUMNS} FROM temp.staged_readings")
+# Rows of (_COLUMNS) from the table {source} into readings_by_hour: the
+# staged rows of a batch, or an older store's readings table (_migrate).
+_FILE_BY_HOUR = (f"INSERT OR IGNORE INTO readings_by_hour (hour, {_COLUMNS}) "
+                 f"SELECT {_HOUR_OF}, {_COLUMNS} FROM {{source}}")
+_FROM_STAGE = _FILE_BY_HOUR.format(source="temp.staged_readings")
 # One meter's readings: the hours from ?1 to ?2 that hold any reading,
 # found in order by stepping from one to the next (each step a seek on the
 # primary key, so an hour with no readings costs nothing, however far
 # apart two readings are), outermost (CROSS JOIN keeps that order), each
-# joined by a seek on (hour, meter = ?3).
+# joined by a seek on (hour, meter = ?3); of those rows, the ones with start
+# in [?4, ?5) and of quantity ?6 (NULL: any), ordered.
 _HOURS = ("WITH RECURSIVE h(x) AS (SELECT (SELECT min(hour) FROM readings_by_hour "
           "WHERE hour >= ?1) UNION ALL SELECT (SELECT min(hour) FROM readings_by_hour "
-          "WHERE hour > h.x) FROM h "
-          "WHERE h.x < ?2) "
+          "WHERE hour > h.x) FROM h WHERE h.x < ?2) "
           "SELECT {columns} FROM h CROSS JOIN readings_by_hour r ON r.hour = h.x "
-          "AND r.meter = ?3 "
-          "WHERE {where}")
-# The latest hour, at or before ?2, holding a reading of quantity ?4 of
-# meter ?3: the same steps, downwards.
-_LATEST_HOUR = ("WITH RECURSIVE h(x) AS (SELECT (SELECT max(hour) FROM readings_by_hour "
-                "WHERE hour <= ?2) UNION ALL SELECT (SELECT max(hour) FROM readings_by_hour "
-                "WHERE hour < h.x) FROM h WHERE h.x > ?1) "
+          "AND r.meter = ?3 WHERE r.start >= ?4 AND r.start < ?5 "
+          "AND (?6 IS NULL OR r.quantity = ?6) ORDER BY r.quantity, r.start")
+# The newest hour holding a reading of quantity ?2 of meter ?1: the same
+# steps, downwards from the newest hour, stopping at the first that does.
+_LATEST_HOUR = ("WITH RECURSIVE h(x) AS (SELECT max(hour) FROM readings_by_hour UNION ALL "
+                "SELECT (SELECT max(hour) FROM readings_by_hour WHERE hour < h.x) FROM h "
+                "WHERE h.x IS NOT NULL) "
                 "SELECT x FROM h WHERE EXISTS (SELECT 1 FROM readings_by_hour r "
-                "WHERE r.hour = h.x "
-                "AND r.meter = ?3 AND r.quantity = ?4) LIMIT 1")
+                "WHERE r.hour = h.x AND r.meter = ?1 AND r.quantity = ?2) LIMIT 1")
 _STATES = ("SELECT meter, win_top, win_bits, pending_will, session FROM meters "
            "WHERE meter IN (VALUES {values})")
 _CHANNELS = ("UPDATE meters SET win_top = v.column2, win_bits = v.column3, "
@@ -251,11 +258,18 @@ class Store:
             "INSERT OR IGNORE INTO quantities (tag, obis, unit) VALUES (?, ?, ?)",
             [(tag, code, unit) for tag, (code, unit) in obis.CODES.items()],
         )
-        with self.transaction() as db:
-            self._migrate(db)
+        if self._readings_is_a_table(self.db):
+            with self.transaction() as db:
+                self._migrate(db)
 
     def close(self) -> None:
         self.db.close()
+
+    @staticmethod
+    def _readings_is_a_table(db: sqlite3.Connection) -> bool:
+        """True in a store made before readings were clustered by hour."""
+        return db.execute("SELECT 1 FROM sqlite_master WHERE name = 'readings' "
+                          "AND type = 'table'").fetchone() is not None
 
     @staticmethod
     def _migrate(db: sqlite3.Connection) -> None:
@@ -265,15 +279,13 @@ class Store:
         view. Inside one write transaction: the other processes opening the
         store wait for it (about 2 s per million readings here), and the
         copy needs free disk space for a second copy of the table."""
-        kind = db.execute("SELECT type FROM sqlite_master WHERE name = 'readings'").fetchone()
-        if kind is None or kind[0] != "table":
+        if not Store._readings_is_a_table(db):  # another process did it meanwhile
             return
         path = db.execute("PRAGMA database_list").fetchone()[2]
         log.warning("store %s: re-clustering its readings by hour, once, after an upgrade; "
                     "every process using this store waits until it is done", path)
         began = time.monotonic()
-        db.execute(f"INSERT OR IGNORE INTO readings_by_hour (hour, {_COLUMNS}) "
-                   f"SELECT start / 3600, {_COLUMNS} FROM readings")
+        db.execute(_FILE_BY_HOUR.format(source="readings"))
         copied = db.execute("SELECT changes()").fetchone()[0]
         db.execute("DROP TABLE readings")
         db.execute(READINGS_VIEW)
@@ -492,33 +504,28 @@ class Store:
             "next_at = excluded.next_at, failures = excluded.failures, day = excluded.day, "
             "reads = excluded.reads", (meter, since, next_at, failures, day, reads))
 
-    @staticmethod
-    def _hours(start: int, end: int) -> tuple[int, int] | None:
-        """The first and last hour of [start, end), or None if it is empty."""
-        return (start // 3600, (end - 1) // 3600) if start < end else None
+    def _of_meter(self, columns: str, meter: int, quantity: int | None, start: int,
+                  end: int) -> list[tuple]:
+        """_HOURS: these columns of a meter's rows in [start, end)."""
+        return self.db.execute(_HOURS.format(columns=columns), (
+            start // HOUR, (end - 1) // HOUR, meter, start, end, quantity)).fetchall()
 
     def interval_starts(self, meter: int, start: int, end: int) -> list[int]:
         """Starts of the import-interval rows held for a meter in [start, end)."""
-        hours = self._hours(start, end)
-        if hours is None:
-            return []
-        return [r[0] for r in self.db.execute(
-            _HOURS.format(columns="r.start", where="r.quantity = ?4 AND r.start >= ?5 "
-                          "AND r.start < ?6 ORDER BY r.start"),
-            (*hours, meter, obis.INTERVAL_IMPORT, start, end))]
+        return [r[0] for r in self._of_meter("r.start", meter, obis.INTERVAL_IMPORT,
+                                             start, end)]
 
     def latest(self, meter: int, quantity: int) -> tuple[int, int] | None:
         """(start, value) of a meter's latest reading of a quantity, or None.
         Walks down the hours that hold readings, from the newest: it stops
         at once for a meter read recently, and passes every hour stored for
         a meter that has no such reading."""
-        row = self.db.execute(_LATEST_HOUR, (0, 2**62 // 3600, meter, quantity)).fetchone()
+        row = self.db.execute(_LATEST_HOUR, (meter, quantity)).fetchone()
         if row is None:
             return None
         return self.db.execute(
             "SELECT start, value FROM readings_by_hour WHERE hour = ? AND meter = ? "
-            "AND quantity = ? "
-            "ORDER BY start DESC LIMIT 1", (row[0], meter, quantity)).fetchone()
+            "AND quantity = ? ORDER BY start DESC LIMIT 1", (row[0], meter, quantity)).fetchone()
 
     def online(self) -> dict[int, bool]:
         return {m: bool(o) for m, o in self.db.execute("SELECT meter, online FROM meters")}
@@ -531,19 +538,8 @@ class Store:
     def readings(self, meter: int, quantity: int | None = None, start: int = 0,
                  end: int = 2**62) -> list[tuple[int, int, int, int, int | None]]:
         """(quantity, start, value, quality, request) for a meter, ordered."""
-        hours = self._hours(start, end)
-        if hours is None:
-            return []
-        columns = "r.quantity, r.start, r.value, r.quality, r.request"
-        if quantity is None:
-            return list(self.db.execute(
-                _HOURS.format(columns=columns, where="r.start >= ?4 AND r.start < ?5 "
-                              "ORDER BY r.quantity, r.start"),
-                (*hours, meter, start, end)))
-        return list(self.db.execute(
-            _HOURS.format(columns=columns, where="r.quantity = ?4 AND r.start >= ?5 "
-                          "AND r.start < ?6 ORDER BY r.start"),
-            (*hours, meter, quantity, start, end)))
+        return self._of_meter("r.quantity, r.start, r.value, r.quality, r.request",
+                              meter, quantity, start, end)
 
     def reading_count(self) -> int:
         return self.db.execute("SELECT count(*) FROM readings_by_hour").fetchone()[0]
