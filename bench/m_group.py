@@ -14,8 +14,8 @@ Method:
   firmware's meter core behind paho), the most that helps on 2 cores.
 - Baseline (first, alone on the broker): 10,000 plain paho clients (client
   ids raw<id>, in the same 4 processes, the same selector-loop design) each
-  publish one message of 77 random bytes - the size of a sealed current
-  reading - at QoS 1 on d1/m<id>/up, all told "go" at once; a plain paho
+  publish one message of SIZE random bytes - the size of a sealed current
+  reading (bench.m_wire.current_response) - at QoS 1 on d1/m<id>/up, all told "go" at once; a plain paho
   subscriber in its own process receives them. Time: from "go" to the
   10,000th arrival. Best of two.
 - The group read: the head-end (`python -m headend serve`, its own
@@ -51,12 +51,13 @@ from bench.common import (
     wait_for,
 )
 from bench.m_cpu import start_fleets
+from bench.m_wire import current_response
 from headend.requests import ReadSpec, Requester
 from shared.backend import NATIVE
 
 NAMES = ("group_read_10k",)
 PROCS = 4
-SIZE = 77
+SIZE = len(current_response())
 
 
 def _raw(host: str, port: int, ids: list[int], workdir: Path, logs: Path, reps: int) -> dict:

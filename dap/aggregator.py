@@ -9,6 +9,16 @@ earliest of:
   tolerance hint: see dap/hints.py);
 - the moment the buffer reaches max_items items or max_bytes bytes.
 
+A bundle that is not full leaves at least `min_gap` seconds after the
+previous one that was not full (take(now) records when). Without that, a
+stream of responses that arrive already late - each one past its flush-by
+time, as when the broker or the meters fall behind - went out one bundle
+each: the DAP turned into a router just when the link upstream was
+busiest. With it, such a stream leaves in one bundle per min_gap, each
+response at most min_gap after its flush-by time. Full bundles are never
+held, and do not hold the next one: a burst (a group read answered at
+once) goes out as fast as it fills bundles.
+
 A bundle never exceeds max_items or max_bytes: an item that would push the
 buffer over max_bytes closes the buffer first and starts the next one. (An
 item larger than max_bytes on its own goes out alone.) In router mode every
@@ -25,15 +35,19 @@ T = TypeVar("T")
 
 class Aggregator(Generic[T]):
     def __init__(self, mode: str = "aggregate", window: float = 10.0, max_items: int = 1000,
-                 max_bytes: int = 256 * 1024) -> None:
+                 max_bytes: int = 256 * 1024, min_gap: float = 0.0) -> None:
         if mode not in ("aggregate", "router"):
             raise ValueError(f"mode {mode!r}: use 'aggregate' or 'router'")
         if window <= 0 or max_items < 1 or max_bytes < 1:
             raise ValueError("window, max_items and max_bytes must be positive")
+        if min_gap < 0:
+            raise ValueError("min_gap must not be negative")
         self.mode = mode
         self.window = window
         self.max_items = max_items
         self.max_bytes = max_bytes
+        self.min_gap = min_gap
+        self._last_out: float | None = None  # when take(now) last took one not full
         self._items: list[T] = []
         self._bytes = 0
         self._deadline: float | None = None  # of the open buffer
@@ -74,6 +88,9 @@ class Aggregator(Generic[T]):
         if self._ready:
             return self._ready[0][0]
         if self._items:
+            assert self._deadline is not None
+            if self._last_out is not None and self._deadline < self._last_out + self.min_gap:
+                return self._last_out + self.min_gap
             return self._deadline
         return None
 
@@ -82,15 +99,18 @@ class Aggregator(Generic[T]):
         t = self.next_due()
         return t is not None and now >= t
 
-    def take(self) -> list[T]:
+    def take(self, now: float | None = None) -> list[T]:
         """The next bundle's items: the oldest closed bundle, or else the
         whole open buffer (whether due or not: use it to flush at shutdown).
-        Empty if nothing is held."""
+        Empty if nothing is held. `now`: when it leaves; for the open
+        buffer, the next one's min_gap counts from it (None: not counted)."""
         if self._ready:
             _, items = self._ready.popleft()
             self._ready_items -= len(items)
             return items
         items = self._items
+        if now is not None and items:
+            self._last_out = now
         self._items = []
         self._bytes = 0
         self._deadline = None

@@ -66,10 +66,12 @@ class AggregateSettings:
     window: float = 10.0  # seconds from the first buffered envelope
     max_items: int = 1000  # envelopes per bundle
     max_bytes: int = 256 * 1024  # bytes of envelopes per bundle
+    min_gap: float = 0.25  # seconds between two bundles that are not full (dap/aggregator.py)
 
     def __post_init__(self) -> None:
         _set(self, "window", _number("[aggregate] ", "window", self.window, 0, 3600, "10.0",
                                      lo_open=True))
+        _set(self, "min_gap", _number("[aggregate] ", "min_gap", self.min_gap, 0, 60, "0.25"))
         _integer("[aggregate] ", "max_items", self.max_items, 1, MAX_BUNDLE_ITEMS, "1000")
         _integer("[aggregate] ", "max_bytes", self.max_bytes, MAX_ENVELOPE + ITEM_OVERHEAD,
                  MAX_GATEWAY_MSG - BUNDLE_OVERHEAD, "262144")

@@ -44,7 +44,7 @@ class Dap:
         self.stats = Stats(config.dap, config.mode)
         a = config.aggregate
         self.agg: Aggregator[tuple[int, bytes]] = Aggregator(
-            config.mode, a.window, a.max_items, a.max_bytes)
+            config.mode, a.window, a.max_items, a.max_bytes, a.min_gap)
         self.hints = DelayHints()
         self.queue: DiskQueue | None = None
         self._stop = False
@@ -143,7 +143,7 @@ class Dap:
         to_ack = [item for item in batch if self._handle(item, now, wall, acks_only=False)]
         bundles = []
         while self.agg.due(now):
-            bundles.append(self._bundle(self.agg.take(), now, wall))
+            bundles.append(self._bundle(self.agg.take(now), now, wall))
         self.queue.commit()
         for c, mid, qos, _, _ in to_ack:
             if qos:

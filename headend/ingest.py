@@ -320,7 +320,7 @@ class Ingest:
                 pt = self._box_open(ch.key, env[5:ENV_HEADER], env[ENV_HEADER:])
                 if pt is not None:
                     try:
-                        obj = self._loads(pt, MAX_INNER)
+                        obj = self._loads(pt, MAX_INNER, True)
                     except ProtocolError:
                         obj = None
                     if type(obj) is list and len(obj) >= 5:

@@ -10,7 +10,9 @@ class Backend:
     def __init__(self, name, dumps, loads, beforenm, seal, open_, public_key):
         self.name = name
         self.dumps = dumps
-        self.loads = loads  # loads(data, max_size) -> object, strict
+        # loads(data, max_size, pad=False) -> object: strict, but with pad
+        # zero bytes may follow the item (shared/messages.py: padding)
+        self.loads = loads
         self.beforenm = beforenm  # beforenm(peer_public, my_secret) -> 32-byte key
         self.seal = seal  # seal(key, nonce, plaintext) -> MAC || ciphertext
         self.open = open_  # open(key, nonce, box) -> plaintext, or AuthError
@@ -20,8 +22,8 @@ class Backend:
 def _pure():
     from shared import box, cbor, x25519
 
-    def loads(data, max_size):
-        return cbor.loads(data, max_size)
+    def loads(data, max_size, pad=False):
+        return cbor.loads(data, max_size, pad=pad)
 
     def public_key(secret):
         return x25519.scalarmult_base(secret)
@@ -54,7 +56,7 @@ def _native():
     # references at the start of every decode(), so nothing carries over.
     kept = threading.local()
 
-    def loads(data, max_size):
+    def loads(data, max_size, pad=False):
         if len(data) > max_size:
             raise TooLarge("CBOR item of %d bytes; the limit is %d" % (len(data), max_size))
         fp = bytes_io(data)
@@ -68,8 +70,9 @@ def _native():
             obj = decoder.decode()
         except Exception as e:  # cbor2 raises several types; all mean malformed
             raise DecodeError("not valid CBOR: %s" % e) from None
-        if fp.tell() != len(data):
-            raise DecodeError("%d trailing bytes after the CBOR item" % (len(data) - fp.tell()))
+        end = fp.tell()
+        if end != len(data) and not (pad and not bytes(data[end:]).strip(b"\0")):
+            raise DecodeError("%d trailing bytes after the CBOR item" % (len(data) - end))
         return obj
 
     def beforenm(public, secret):

@@ -263,7 +263,10 @@ def _enc(out, obj, depth):
 # ---------------------------------------------------------------- decoding
 
 
-def loads(data, max_size=_MAX_SIZE, max_depth=_MAX_DEPTH):
+def loads(data, max_size=_MAX_SIZE, max_depth=_MAX_DEPTH, pad=False):
+    """The one item `data` holds. With pad, zero bytes may follow it (the
+    padding of a sealed message, shared/messages.py); anything else after
+    the item is an error."""
     if not isinstance(data, _BYTES_LIKE):
         raise TypeError("cbor: loads needs bytes, bytearray or memoryview")
     mv = memoryview(data)
@@ -276,7 +279,7 @@ def loads(data, max_size=_MAX_SIZE, max_depth=_MAX_DEPTH):
         obj = d.item(0)
     except RuntimeError:  # the platform's own recursion limit, below max_depth
         raise DecodeError("cbor: nesting too deep")
-    if d.i != d.end:
+    if d.i != d.end and not (pad and not any(mv[d.i:d.end])):
         raise DecodeError("cbor: %d trailing bytes" % (d.end - d.i))
     return obj
 

@@ -68,9 +68,63 @@ BODY = {
 UPLINK = (T_BIRTH, T_DEATH, T_CURRENT, T_INTERVAL, T_STATUS)
 DOWNLINK = (T_READ_CURRENT, T_READ_INTERVAL)
 
+# Padding. CBOR writes an unsigned integer in 1, 2, 3 or 5 bytes depending
+# on its value, so without padding the length of a sealed response would
+# tell whoever relays it (a third-party DAP) roughly how much power a home
+# draws: a power register under 24 W, under 256 W or above, whether it
+# exports, how many intervals of a profile used more than 24 Wh. A response
+# that carries readings is therefore followed, inside the box, by zero
+# bytes: as many as it takes for every register value to count as
+# REGISTER_WIDTH bytes (the most a 32-bit value takes) and every interval
+# value as INTERVAL_WIDTH (any value up to 65,535 Wh in one interval).
+# What a length still tells: the message type, the number of registers,
+# rows and quality flags, the size of ids, counters and times, and each
+# interval value above 65,535 Wh (2 bytes more each). docs/protocol.md,
+# "Padding".
+REGISTER_WIDTH = const(5)
+INTERVAL_WIDTH = const(3)
+
+
+def _short(x, width):
+    """How many bytes less than `width` CBOR takes for x, if an unsigned
+    integer (anything else: 0)."""
+    if type(x) is not int or x < 0:
+        return 0
+    n = 1 if x < 24 else 2 if x < 256 else 3 if x < 65536 else 5 if x <= MAX_U32 else 9
+    return width - n if n < width else 0
+
+
+def _lists(*xs):
+    for x in xs:
+        if not isinstance(x, (list, tuple)):
+            return False
+    return True
+
+
+def padding(mtype, body):
+    """The zero bytes that follow the inner message of this type and body
+    (none for a body not of its type's shape: tests seal those on purpose)."""
+    n = 0
+    if mtype == T_CURRENT and len(body) == 3 and _lists(body[2]):
+        regs = body[2]
+        for j in range(1, len(regs), 2):
+            n += _short(regs[j], REGISTER_WIDTH)
+    elif mtype == T_INTERVAL and len(body) == 10 and _lists(body[7], body[8]):
+        n = _short(body[5], REGISTER_WIDTH) + _short(body[6], REGISTER_WIDTH)
+        for x in body[7]:
+            n += _short(x, INTERVAL_WIDTH)
+        for x in body[8]:
+            n += _short(x, INTERVAL_WIDTH)
+    return n
+
 
 def encode(backend, meter, direction, mtype, ctr, body):
-    return backend.dumps([VERSION, meter, direction, mtype, ctr] + list(body))
+    """The plaintext of a message: its inner CBOR array, then its padding."""
+    pt = backend.dumps([VERSION, meter, direction, mtype, ctr] + list(body))
+    # Never past MAX_INNER: a valid body, padded, is never longer than the
+    # same body with every value at its widest, which fits.
+    n = min(padding(mtype, body), MAX_INNER - len(pt))
+    return pt + bytes(n) if n > 0 else pt
 
 
 def uint(x, what):
@@ -156,8 +210,9 @@ def check_body(mtype, body):
 
 def decode(backend, plaintext, meter, direction):
     """Parse an opened plaintext and check its header. Returns (type,
-    counter, body); the body still needs check_body()."""
-    obj = backend.loads(plaintext, MAX_INNER)
+    counter, body); the body still needs check_body(). Zero bytes after the
+    inner message are padding; how many is the sender's concern."""
+    obj = backend.loads(plaintext, MAX_INNER, True)
     mtype, ctr = check_header(obj, meter, direction)
     return mtype, ctr, obj[5:]
 

@@ -55,7 +55,21 @@ from headend.store import Store
 from shared import messages, obis, topics
 from shared.backend import DEFAULT
 from shared.channel import Channel
-from shared.const import DOWN, K_GROUP, MAX_ROWS, REPLAY_WINDOW, T_BIRTH, T_DEATH, UP
+from shared.const import (
+    DOWN,
+    ENV_HEADER,
+    K_GROUP,
+    MAC_BYTES,
+    MAX_ROWS,
+    MAX_U32,
+    REPLAY_WINDOW,
+    T_BIRTH,
+    T_CURRENT,
+    T_DEATH,
+    T_INTERVAL,
+    UP,
+    VERSION,
+)
 from shared.hostmqtt import BrokerSettings
 from sim.fleet import Fleet
 from sim.scenarios import plaintext_patterns, scan
@@ -1114,6 +1128,24 @@ def test_what_the_dap_learns(world: World) -> None:
     # what was read shows in the size: here every current reading is shorter
     # than every 6-hour interval response
     assert max(here["current"]) < min(here["interval"])
+    # ... but not what was measured: every reading is exactly as long as the
+    # same message with each register at 2**32 - 1 and each interval row at
+    # 65,535 Wh (the padding, docs/protocol.md §4.2), whatever its values
+    powers, padded = set(), 0
+    for _, m, env in list(w.dap.uplinks):
+        mtype, ctr, body = w.inner(m, env)
+        if mtype == T_CURRENT:
+            powers.add(dict(zip(body[2][0::2], body[2][1::2]))[obis.POWER])
+            widest = body[:2] + [[x if i % 2 == 0 else MAX_U32 for i, x in enumerate(body[2])]]
+        elif mtype == T_INTERVAL:
+            widest = body[:5] + [MAX_U32, MAX_U32, [0xFFFF] * len(body[7]),
+                                 [0xFFFF] * len(body[8]), body[9]]
+        else:
+            continue
+        inner = cbor2.dumps([VERSION, m, UP, mtype, ctr] + widest)
+        assert len(env) == ENV_HEADER + MAC_BYTES + len(inner)
+        padded += 1
+    assert padded >= 2 * len(METERS) and len(powers) > 1  # readings that differ, lengths that do not
     up_sizes = sorted({n for t, sizes in by_topic.items() if t.endswith("/up") for n in sizes})
     captured = [e for _, _, e in w.dap.uplinks] + [p for _, p in w.dap.requests] + \
         [p for _, _, p in w.dap.deliveries]
@@ -1126,6 +1158,7 @@ def test_what_the_dap_learns(world: World) -> None:
                      "broker": w.kind, "topics": len(by_topic), "meters_seen": sorted(meters_seen),
                      "uplink_sizes": [up_sizes[0], up_sizes[-1]], "messages": len(seen),
                      "sizes_by_type": {k: [min(v), max(v)] for k, v in sizes.items()},
+                     "readings_padded": padded, "distinct_power_values": len(powers),
                      "groups": groups, "group_body_example": bodies[-1],
                      "plaintext_patterns": len(patterns), "plaintext_found": found,
                      "turnaround_ms_median": round(1000 * sorted(turnaround)[len(turnaround) // 2],

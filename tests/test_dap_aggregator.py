@@ -127,24 +127,75 @@ def test_bad_arguments():
         Aggregator(window=0)
 
 
+def _late_stream(min_gap: float) -> list[tuple[float, list[int]]]:
+    """50 responses, one every 0.1 s, each already past its flush-by time:
+    (when it left, items) of every bundle."""
+    a = agg(min_gap=min_gap)
+    out = []
+    now = 0.0
+    for i in range(50):
+        a.add(i, 50, now, now - 1.0)
+        while a.due(now):
+            out.append((now, a.take(now)))
+        now += 0.1
+    while len(a):  # the rest, when due
+        now = max(now, a.next_due())
+        out.append((now, a.take(now)))
+    return out
+
+
+def test_min_gap_coalesces_responses_that_arrive_late():
+    """Without the gap a late stream leaves one bundle per response (the DAP
+    becomes a router); with it, one bundle per min_gap, none held longer."""
+    assert len(_late_stream(0.0)) == 50
+    bundles = _late_stream(0.5)
+    assert [i for _, b in bundles for i in b] == list(range(50))
+    assert len(bundles) <= 11
+    times = [t for t, _ in bundles]
+    assert all(b - a >= 0.5 - 1e-9 for a, b in zip(times, times[1:]))
+    for t, b in bundles:  # item i arrived at 0.1 i, already late
+        assert all(t - 0.1 * i <= 0.5 + 1e-9 for i in b)
+
+
+def test_min_gap_never_holds_a_full_bundle():
+    """A full bundle leaves at once and does not restart the gap: a burst
+    goes out as fast as it fills bundles."""
+    a = agg(max_items=3, min_gap=30.0)
+    a.add(0, 10, 0.0, 0.0)  # late, alone: leaves at once
+    assert a.due(0.0) and a.take(0.0) == [0]
+    a.add(1, 10, 0.1, 0.0)  # late again: held for the gap
+    assert not a.due(0.1) and a.next_due() == pytest.approx(30.0)
+    a.add(2, 10, 0.2)
+    a.add(3, 10, 0.3)  # full: leaves at once
+    assert a.due(0.3) and a.take(0.3) == [1, 2, 3]
+    a.add(4, 10, 0.4, 0.0)  # the gap still counts from the bundle at 0.0
+    assert not a.due(0.4) and a.next_due() == pytest.approx(30.0)
+    with pytest.raises(ValueError):
+        agg(min_gap=-1)
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.tuples(st.integers(1, 400), st.floats(0, 5),
                           st.one_of(st.none(), st.floats(-1, 100))), max_size=60),
-       st.integers(1, 7), st.integers(400, 1500))
-def test_properties(ops, max_items, max_bytes):
+       st.integers(1, 7), st.integers(400, 1500), st.sampled_from([0.0, 0.5, 3.0]))
+def test_properties(ops, max_items, max_bytes, min_gap):
     """Nothing lost or reordered, no bundle over a limit, and the next due
-    time never later than any held item's window end or flush-by time."""
+    time never later than any held item's window end or flush-by time, or
+    min_gap after the last bundle left if that is later; bundles that are
+    closed for size leave at least min_gap apart."""
     window = 10.0
-    a = agg(window=window, max_items=max_items, max_bytes=max_bytes)
+    a = agg(window=window, max_items=max_items, max_bytes=max_bytes, min_gap=min_gap)
     now = 0.0
     out: list[list[int]] = []
     deadline: dict[int, float] = {}  # latest time each held item may leave
     sizes = {}
     held: list[int] = []
+    last_out: list[float] = []  # when each bundle left
 
     def take():
-        b = a.take()
+        b = a.take(now)
         out.append(b)
+        last_out.append(now)
         for i in b:
             held.remove(i)
 
@@ -159,10 +210,22 @@ def test_properties(ops, max_items, max_bytes):
         deadline[i] = min(now + window, flush_by if flush_by is not None else now + window)
         due = a.next_due()
         assert due is not None
-        assert due <= max(now, min(deadline[j] for j in held))
+        gap_end = last_out[-1] + min_gap if last_out else now
+        assert due <= max(now, min(deadline[j] for j in held), gap_end)
     while len(a):
+        now = max(now, a.next_due())
         take()
     assert not held
+    # bundles not closed for size - not full (items or bytes), and not too
+    # big to take the item after them - leave at least min_gap apart
+    partial = []
+    for k, b in enumerate(out):
+        n = sum(sizes[i] for i in b)
+        after = out[k + 1][0] if k + 1 < len(out) else None
+        if not (len(b) == max_items or n >= max_bytes
+                or (after is not None and n + sizes[after] > max_bytes)):
+            partial.append(last_out[k])
+    assert all(t2 - t1 >= min_gap - 1e-9 for t1, t2 in zip(partial, partial[1:])), (out, last_out)
     flat = [i for b in out for i in b]
     assert flat == list(range(len(ops)))
     for b in out:

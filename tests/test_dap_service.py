@@ -113,7 +113,7 @@ def test_example_config_is_valid_and_lists_every_option(tmp_path):
     assert cfg.dap == 1 and cfg.mode == "aggregate" and cfg.headend_broker is None
     text = example.read_text()
     keys = ["mode", "state_dir", "host", "port", "username", "password", "password_file",
-            "tls_ca", "keepalive", "[headend_broker]", "window", "max_items", "max_bytes",
+            "tls_ca", "keepalive", "[headend_broker]", "window", "max_items", "max_bytes", "min_gap",
             "disk_budget_bytes", "warn_fraction", "drain_rate", "ack_timeout", "sync",
             "level", "stats_interval"]
     for k in keys:
@@ -145,6 +145,8 @@ def test_example_config_is_valid_and_lists_every_option(tmp_path):
     ("dap = 1\nstate_dir = 's'\n[meters_broker]\n[aggregate]\nwindw = 3\n", ["did you mean",
                                                                             "window"]),
     ("dap = 1\nstate_dir = 's'\n[meters_broker]\n[aggregate]\nwindow = 0\n", ["window = 0"]),
+    ("dap = 1\nstate_dir = 's'\n[meters_broker]\n[aggregate]\nmin_gap = -0.5\n",
+     ["min_gap = -0.5", "at least 0"]),
     ("dap = 1\nstate_dir = 's'\n[meters_broker]\n[aggregate]\nmax_items = 30000\n",
      ["max_items", "20000"]),
     ("dap = 1\nstate_dir = 's'\n[meters_broker]\n[queue]\nwarn_fraction = 1.5\n",
@@ -284,6 +286,25 @@ def test_tolerance_hint_flushes_early(world):
     answer = w.meters.send(5)
     wait_until(lambda: w.head.bundles, 60, "a bundle before the 120 s window")
     assert sorted(w.head.envelopes()) == sorted([early, answer])
+
+
+def test_late_answers_leave_together_not_one_bundle_each(world):
+    """Answers to a request with tolerance 0 are due as they come. Arriving
+    one by one, they leave one bundle per min_gap (2 s here), not one each:
+    the DAP stays an aggregator when the meters or the broker fall behind."""
+    w = world
+    w.dap(aggregate={"window": 120.0, "min_gap": 2.0})
+    w.head.forward([w.head.request(5), w.head.request(6)], tolerance=0)
+    wait_until(lambda: w.meters.downlinks(5) and w.meters.downlinks(6), 30, "delivered")
+    t0 = time.monotonic()
+    sent = []
+    for i in range(12):  # over ~2.4 s, each already past its flush-by time
+        sent.append(w.meters.send(5 + i % 2, reqid=7))
+        time.sleep(0.2)
+    wait_until(lambda: len(w.head.envelopes()) == 12, 30, "every answer upstream")
+    assert sorted(w.head.envelopes()) == sorted(sent)
+    # one at once, then at most one per 2 s (one bundle each would be 12)
+    assert 2 <= len(w.head.bundles) <= 2 + (time.monotonic() - t0) // 2.0
 
 
 def test_resend_without_ack_then_delete_on_ack(world):

@@ -106,7 +106,8 @@ def _messages(he: PrivateKey, secrets: dict[int, PrivateKey]) -> list[tuple[str,
     swapped = envelope.seal(NATIVE, chans[3].key, 3, os.urandom(24), wrong_meter_inside)
     trailing = envelope.seal(NATIVE, chans[3].key, 3, os.urandom(24),
                              messages.encode(NATIVE, 3, UP, T_CURRENT, 51,
-                                             [7, t + 2, [1, 5, 2, 0, 3, 4, 4, 2301]]) + b"\x00")
+                                             [7, t + 2, [1, 5, 2, 0, 3, 4, 4, 2301]])
+                             + b"\x00\x01")  # after the padding: not padding
     direct = chans[9].seal(T_CURRENT, [7, t, [1, 5, 2, 0, 3, 4, 4, 2301]], os.urandom(24))[1]
     unknown = good[0][:1] + (77).to_bytes(4, "big") + good[0][5:]
     envs = [*good, interval, bytes(tampered), wrong_hint, bad_body, reflected, swapped,

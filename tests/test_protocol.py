@@ -93,6 +93,8 @@ from shared.errors import (
     VersionError,
 )
 from shared.replay import ReplayWindow
+# the padding as the vector generator counts it, with cbor2, apart from shared/
+from tools.make_envelope_vectors import padding as reference_padding
 
 # --------------------------------------------------------------------------
 # fixtures and helpers
@@ -399,7 +401,8 @@ def test_encode_decode_round_trip_property(backend, msg, meter, ctr):
     mtype, body = msg
     direction = messages.direction_of(mtype)
     pt = messages.encode(backend, meter, direction, mtype, ctr, body)
-    assert pt == cbor2.dumps([VERSION, meter, direction, mtype, ctr] + body)
+    assert pt == (cbor2.dumps([VERSION, meter, direction, mtype, ctr] + body)
+                  + reference_padding(mtype, body))
     assert pt == messages.encode(other(backend), meter, direction, mtype, ctr, body)
     if len(pt) > MAX_INNER:
         expect(TooLarge, messages.decode, backend, pt, meter, direction)
@@ -826,7 +829,9 @@ UNSEAL_BAD = [
     ("empty", b"", DecodeError),
     ("not-cbor", b"\xff", DecodeError),
     ("truncated-cbor", cbor2.dumps(_inner())[:-1], DecodeError),
-    ("trailing-bytes", cbor2.dumps(_inner()) + b"\x00", DecodeError),
+    # zero bytes after the item are padding (test_padding_*); anything else is not
+    ("trailing-bytes", cbor2.dumps(_inner()) + b"\x01", DecodeError),
+    ("padding-not-zero", cbor2.dumps(_inner()) + b"\x00\x00\x80\x00", DecodeError),
     ("over-max-inner", cbor2.dumps(b"\x00" * (MAX_INNER - 3 + 1)), TooLarge),
     ("too-deep", b"\x81" * 17 + b"\x00", DecodeError),
     ("bad-utf8", b"\x62\xc3\x28", DecodeError),
@@ -1536,6 +1541,72 @@ def test_size_largest_interval_part_fits(backend):
     _report(f"96-row interval part, worst ({backend.name})", len(wire), MAX_ENVELOPE)
     assert len(wire) - ENV_HEADER - MAC_BYTES <= MAX_INNER
     assert Link(backend, meter=top).headend.open(wire)[0] == T_INTERVAL
+
+
+# --------------------------------------------------------------------------
+# padding: a sealed length does not tell the relay how much power a home draws
+# --------------------------------------------------------------------------
+
+
+@PROPS
+@given(a=st.lists(u32, min_size=4, max_size=4), b=st.lists(u32, min_size=4, max_size=4))
+def test_padding_hides_register_values(backend, a, b):
+    """Two current readings of one meter for one request, whatever their
+    register values (an idle home or a busy one, with or without export):
+    sealed, they are the same length."""
+    link = Link(backend, meter=1001, up=42)
+    lengths = set()
+    for values in (a, b):
+        regs = [x for tag, v in zip(obis.CURRENT_REGISTERS, values) for x in (tag, v)]
+        link.meter.counter = Seq(42)
+        lengths.add(len(link.meter.seal(T_CURRENT, [7, NOW, regs], nonce())[1]))
+    assert len(lengths) == 1
+
+
+@PROPS
+@given(rows=st.integers(0, MAX_ROWS), data=st.data())
+def test_padding_hides_interval_values(backend, rows, data):
+    """Two interval responses with the same rows and flags, whatever the
+    registers at their start and the values of their rows (the meter clamps
+    a row at 65,535 Wh): the same length."""
+    link = Link(backend, meter=1001, up=43)
+    deltas = st.lists(st.integers(0, 0xFFFF), min_size=rows, max_size=rows)
+    lengths = set()
+    for _ in range(2):
+        body = [8, 0, 1, NOW, 900, data.draw(u32), data.draw(u32), data.draw(deltas),
+                data.draw(deltas), [0, Q_CLOCK] if rows else []]
+        link.meter.counter = Seq(43)
+        wire = link.meter.seal(T_INTERVAL, body, nonce())[1]
+        lengths.add(len(wire))
+        assert link.headend.open(wire)[2] == body
+        link.headend.window = type(link.headend.window)()  # the same counter again
+    assert len(lengths) == 1
+
+
+def test_padding_is_zero_bytes_and_only_on_readings(backend):
+    """What follows the inner message: zero bytes, as many as the vector
+    generator counts with cbor2; none on the messages without readings."""
+    for _, mtype, body in SAMPLES:
+        direction = messages.direction_of(mtype)
+        pt = messages.encode(backend, METER, direction, mtype, 5, body)
+        bare = cbor2.dumps([VERSION, METER, direction, mtype, 5] + body)
+        assert pt == bare + reference_padding(mtype, body)
+        assert (len(pt) > len(bare)) == (mtype in (T_CURRENT, T_INTERVAL))
+
+
+def test_padding_is_accepted_from_a_sender_that_pads_more_or_not_at_all(backend):
+    """A receiver takes any run of zero bytes after the item: a meter with
+    an earlier firmware (no padding) and a future policy (more) both open."""
+    link = Link(backend)
+    for _, mtype, body in SAMPLES:
+        sender = link.meter if messages.direction_of(mtype) == UP else link.headend
+        receiver = link.headend if sender is link.meter else link.meter
+        for extra in (None, 0, 40):
+            ctr = sender.counter.next()
+            pt = cbor2.dumps([VERSION, METER, sender.sends, mtype, ctr] + body)
+            if extra is not None:
+                pt += bytes(messages.padding(mtype, body) + extra)
+            assert receiver.open(seal_plain(backend, link.key, METER, pt)) == (mtype, ctr, body)
 
 
 # --------------------------------------------------------------------------

@@ -48,6 +48,8 @@ from shared.const import (
     VERSION,
 )
 from tests.mpy_harness import run_json
+# the padding as the vector generator counts it, with cbor2, apart from shared/
+from tools.make_envelope_vectors import padding as reference_padding
 
 NOW = 1_767_225_600  # 2026-01-01T00:00:00Z
 HISTORY = NOW - 86400  # the simulated meters come with a day of history
@@ -387,7 +389,8 @@ def test_micropython_encoding_equals_cbor2(exchange):
     got = exchange["answers"]["encoded"]
     assert len(got) == len(exchange["encode"])
     for (meter, direction, mtype, ctr, body), h in zip(exchange["encode"], got):
-        want = cbor2.dumps([VERSION, meter, direction, mtype, ctr] + body)
+        want = (cbor2.dumps([VERSION, meter, direction, mtype, ctr] + body)
+                + reference_padding(mtype, body))
         assert bytes.fromhex(h) == want, (mtype, body)
         assert messages.encode(NATIVE, meter, direction, mtype, ctr, body) == want
 

@@ -17,7 +17,11 @@ header packed with struct, following docs and shared/envelope.py's layout:
                followed by the clear group body (CBOR).
 
 Inner message (CBOR array): [version 1, meter id (group id in a group body),
-direction (0 down, 1 up), type, counter, body...].
+direction (0 down, 1 up), type, counter, body...]. The plaintext of a
+response carrying readings is that array followed by zero bytes: for each
+register value, 5 less the bytes cbor2 takes for it; for each interval row
+value, 3 less its bytes, or none if it takes more (docs/protocol.md,
+"Padding").
 
 KEYS: every key here is a TEST-VECTOR key, public by construction: a secret
 key is SHA-256 of its seed string, e.g.
@@ -87,6 +91,18 @@ def nonce_for(name: str) -> tuple[str, bytes]:
     return seed, hashlib.sha256(seed.encode()).digest()[:24]
 
 
+def padding(mtype: int, body: list) -> bytes:
+    """The zero bytes after the inner message, measured with cbor2."""
+    def short(values: list, width: int) -> int:
+        return sum(max(0, width - len(cbor2.dumps(v))) for v in values)
+
+    if mtype == T_CURRENT:
+        return bytes(short(body[2][1::2], 5))
+    if mtype == T_INTERVAL:
+        return bytes(short(body[5:7], 5) + short(body[7] + body[8], 3))
+    return b""
+
+
 def header(kind: int, meter: int, nonce: bytes) -> bytes:
     return struct.pack(">BI", kind, meter) + nonce
 
@@ -101,7 +117,7 @@ def sealed_case(name: str, kind: str, description: str, meter: int, direction: i
     sender, recipient = secret(sender_seed), secret(recipient_seed)
     nonce_seed, nonce = nonce_for(name)
     decoded = [VERSION, meter, direction, mtype, counter] + body
-    plaintext = cbor2.dumps(decoded)
+    plaintext = cbor2.dumps(decoded) + padding(mtype, body)
     box = Box(sender, recipient.public_key).encrypt(plaintext, nonce).ciphertext
     return {
         "kind": kind,
@@ -177,6 +193,12 @@ def cases() -> list[dict]:
             "a current reading: import, export, power, voltage, answering request 7",
             1001, UP, T_CURRENT, 42,
             [7, T0 + 3600, [1, 3_304_512, 2, 0, 3, 412, 4, 2301]]),
+        sealed_case(
+            "current-response-idle", "current-response",
+            "the same meter and request with the home nearly idle (8 W): the padding makes"
+            " it as long as the reading above",
+            1001, UP, T_CURRENT, 42,
+            [7, T0 + 3600, [1, 3_304_512, 2, 0, 3, 8, 4, 2301]]),
         sealed_case(
             "current-response-worst", "current-response",
             "worst-case size: every id, counter, time and register near 2**32",

@@ -347,6 +347,9 @@ def test_trailing_bytes():
         raw = unhex(c["hex"])
         raises(DecodeError, cbor.loads, raw + b"\x00")
         raises(DecodeError, cbor.loads, raw + b"\xff")
+        # with pad, zero bytes may follow (a sealed message's padding); nothing else
+        assert typed(cbor.loads(raw + bytes(9), pad=True)) == c["value"], c["hex"]
+        raises(DecodeError, cbor.loads, raw + b"\x00\x00\xff", pad=True)
 
 
 def test_size_limit():

@@ -130,7 +130,7 @@ def recording(counters):
     """The backend, noting the counter of every message it seals."""
 
     def seal(key, nonce, pt):
-        counters.append(BASE.loads(pt, 4096)[4])
+        counters.append(BASE.loads(pt, 4096, True)[4])
         return BASE.seal(key, nonce, pt)
 
     return Backend(BASE.name, BASE.dumps, BASE.loads, BASE.beforenm, seal, BASE.open,

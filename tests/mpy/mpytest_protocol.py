@@ -181,7 +181,9 @@ def test_vectors_sealed_byte_for_byte():
         check(got == (ctr, wire), "Channel.seal " + what)
         check(envelope.peek(wire) == (ENV_SEALED, meter), "peek " + what)
         check(envelope.open(B, key, wire) == pt, "open " + what)
-        check(B.loads(pt, MAX_INNER) == d, "decode " + what)
+        check(B.loads(pt, MAX_INNER, True) == d, "decode " + what)
+        pad = messages.padding(mtype, body)
+        check(pt[len(pt) - pad:] == bytes(pad), "padding is zero bytes " + what)
         receiver = Channel(B, key, meter, UP if direction == DOWN else DOWN, Fixed(0))
         check(receiver.open(wire) == (mtype, ctr, body), "Channel.open " + what)
 
@@ -209,6 +211,27 @@ def test_vectors_group_byte_for_byte():
         check(B.loads(body, MAX_INNER) == d, "decode body")
         member = Channel(B, case_key(c), c["meter"], UP, Fixed(0))
         check(member.open_group_item(wire) == (mtype, ctr, fields, gid), "open item")
+
+
+def test_padding_hides_values():
+    """On the meter: readings of an idle home and a busy one, sealed, are
+    the same length; so are interval rows of 0 and 65,535 Wh."""
+    key = link_key()
+    lengths = []
+    for power, export in ((0, 0), (8, 0), (412, 7), (65535, 123456), (0xFFFFFFFF, 0xFFFFFFFF)):
+        ch = Channel(B, key, 1001, UP, Fixed(42))
+        regs = [1, 3304512, 2, export, 3, power, 4, 2301]
+        lengths.append(len(ch.seal(T_CURRENT, [7, 1767229200, regs], os.urandom(24))[1]))
+    check(len(set(lengths)) == 1, "current readings: lengths %r" % lengths)
+    lengths = []
+    for v in (0, 23, 24, 255, 256, 65535):
+        ch = Channel(B, key, 1001, UP, Fixed(43))
+        body = [8, 0, 1, 1767261600, 900, v, 0, [v] * 24, [v // 2] * 24, [5, 4]]
+        wire = ch.seal(T_INTERVAL, body, os.urandom(24))[1]
+        lengths.append(len(wire))
+        got = Channel(B, key, 1001, DOWN, Fixed(0)).open(wire)
+        check(got == (T_INTERVAL, 43, body), "padded interval response opens")
+    check(len(set(lengths)) == 1, "interval responses: lengths %r" % lengths)
 
 
 # -- the replay window ------------------------------------------------------
