@@ -26,9 +26,9 @@ Method:
   repetitions.
 
 Two envelope kinds, reported separately: current readings (4 registers,
-84-85 bytes with their padding, 4 rows stored) - the headline
+82-84 bytes with their padding, 4 rows stored) - the headline
 `ingest_vs_raw_open` - and 6-hour interval responses (24 rows of import and
-export plus the two base registers: 225-226 bytes, 50 rows stored).
+export plus the two base registers: 270-272 bytes, 50 rows stored).
 """
 
 from __future__ import annotations

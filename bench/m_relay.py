@@ -2,7 +2,7 @@
 
 Both on Mosquitto, each side measured in the same run, one after the other,
 on the same pre-sealed load: N current readings from M meters (valid,
-sealed and padded envelopes, 84-85 bytes, published at QoS 1 on d1/m<id>/up).
+sealed and padded envelopes, 82-84 bytes, published at QoS 1 on d1/m<id>/up).
 
 The broker's queue is filled first: the consumer's persistent session
 exists (subscribed) but is offline while the load is published, then the

@@ -72,6 +72,8 @@ class AggregateSettings:
         _set(self, "window", _number("[aggregate] ", "window", self.window, 0, 3600, "10.0",
                                      lo_open=True))
         _set(self, "min_gap", _number("[aggregate] ", "min_gap", self.min_gap, 0, 60, "0.25"))
+        if self.min_gap > self.window:  # never hold a bundle past its window
+            _set(self, "min_gap", self.window)
         _integer("[aggregate] ", "max_items", self.max_items, 1, MAX_BUNDLE_ITEMS, "1000")
         _integer("[aggregate] ", "max_bytes", self.max_bytes, MAX_ENVELOPE + ITEM_OVERHEAD,
                  MAX_GATEWAY_MSG - BUNDLE_OVERHEAD, "262144")

@@ -75,23 +75,29 @@ DOWNLINK = (T_READ_CURRENT, T_READ_INTERVAL)
 # exports, how many intervals of a profile used more than 24 Wh. A response
 # that carries readings is therefore followed, inside the box, by zero
 # bytes: as many as it takes for every register value to count as
-# REGISTER_WIDTH bytes (the most a 32-bit value takes) and every interval
-# value as INTERVAL_WIDTH (any value up to 65,535 Wh in one interval).
-# What a length still tells: the message type, the number of registers,
-# rows and quality flags, the size of ids, counters and times, and each
-# interval value above 65,535 Wh (2 bytes more each). docs/protocol.md,
-# "Padding".
+# REGISTER_WIDTH bytes (the most a 32-bit value takes), every interval
+# value as INTERVAL_WIDTH (any value up to 65,535 Wh, where the meter
+# clamps a row and flags it), and the quality flags as if every row had
+# one (an outage, or a clamped row, would show otherwise). What a length
+# still tells: the message type, the number of registers and rows, and the
+# size of ids, counters and times. docs/protocol.md, "Padding".
 REGISTER_WIDTH = const(5)
 INTERVAL_WIDTH = const(3)
+
+
+def _size(x):
+    """The bytes CBOR takes for the unsigned integer x (an array's head for
+    x items), or None for anything else."""
+    if type(x) is not int or x < 0:
+        return None
+    return 1 if x < 24 else 2 if x < 256 else 3 if x < 65536 else 5 if x <= MAX_U32 else 9
 
 
 def _short(x, width):
     """How many bytes less than `width` CBOR takes for x, if an unsigned
     integer (anything else: 0)."""
-    if type(x) is not int or x < 0:
-        return 0
-    n = 1 if x < 24 else 2 if x < 256 else 3 if x < 65536 else 5 if x <= MAX_U32 else 9
-    return width - n if n < width else 0
+    n = _size(x)
+    return width - n if n is not None and n < width else 0
 
 
 def _lists(*xs):
@@ -99,6 +105,19 @@ def _lists(*xs):
         if not isinstance(x, (list, tuple)):
             return False
     return True
+
+
+def _flags_short(flags, rows):
+    """How many bytes less the quality flags take than a flag (of one byte:
+    the Q_ bits) on every one of `rows` rows would."""
+    full = _size(2 * rows) + rows + (rows if rows <= 24 else 24 + 2 * (rows - 24))
+    n = _size(len(flags))
+    for x in flags:
+        k = _size(x)
+        if k is None:
+            return 0
+        n += k
+    return full - n if n < full else 0
 
 
 def padding(mtype, body):
@@ -109,20 +128,23 @@ def padding(mtype, body):
         regs = body[2]
         for j in range(1, len(regs), 2):
             n += _short(regs[j], REGISTER_WIDTH)
-    elif mtype == T_INTERVAL and len(body) == 10 and _lists(body[7], body[8]):
+    elif mtype == T_INTERVAL and len(body) == 10 and _lists(body[7], body[8], body[9]):
         n = _short(body[5], REGISTER_WIDTH) + _short(body[6], REGISTER_WIDTH)
         for x in body[7]:
             n += _short(x, INTERVAL_WIDTH)
         for x in body[8]:
             n += _short(x, INTERVAL_WIDTH)
+        n += _flags_short(body[9], len(body[7]))
     return n
 
 
 def encode(backend, meter, direction, mtype, ctr, body):
     """The plaintext of a message: its inner CBOR array, then its padding."""
     pt = backend.dumps([VERSION, meter, direction, mtype, ctr] + list(body))
-    # Never past MAX_INNER: a valid body, padded, is never longer than the
-    # same body with every value at its widest, which fits.
+    # Never past MAX_INNER. What the firmware sends, padded, is never longer
+    # than the same message with every value at its widest and every row
+    # flagged, which fits (96 rows: 887 bytes); a body only check_body
+    # would pass (flags near 2**32 on every row) may get less padding.
     n = min(padding(mtype, body), MAX_INNER - len(pt))
     return pt + bytes(n) if n > 0 else pt
 

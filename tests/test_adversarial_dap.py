@@ -1129,8 +1129,9 @@ def test_what_the_dap_learns(world: World) -> None:
     # than every 6-hour interval response
     assert max(here["current"]) < min(here["interval"])
     # ... but not what was measured: every reading is exactly as long as the
-    # same message with each register at 2**32 - 1 and each interval row at
-    # 65,535 Wh (the padding, docs/protocol.md §4.2), whatever its values
+    # same message with each register at 2**32 - 1, each interval row at
+    # 65,535 Wh and every row flagged (the padding, docs/protocol.md §4.2),
+    # whatever its values
     powers, padded = set(), 0
     for _, m, env in list(w.dap.uplinks):
         mtype, ctr, body = w.inner(m, env)
@@ -1138,8 +1139,9 @@ def test_what_the_dap_learns(world: World) -> None:
             powers.add(dict(zip(body[2][0::2], body[2][1::2]))[obis.POWER])
             widest = body[:2] + [[x if i % 2 == 0 else MAX_U32 for i, x in enumerate(body[2])]]
         elif mtype == T_INTERVAL:
-            widest = body[:5] + [MAX_U32, MAX_U32, [0xFFFF] * len(body[7]),
-                                 [0xFFFF] * len(body[8]), body[9]]
+            rows = len(body[7])
+            widest = body[:5] + [MAX_U32, MAX_U32, [0xFFFF] * rows, [0xFFFF] * rows,
+                                 [x for r in range(rows) for x in (r, 0xF)]]
         else:
             continue
         inner = cbor2.dumps([VERSION, m, UP, mtype, ctr] + widest)

@@ -182,7 +182,7 @@ def test_properties(ops, max_items, max_bytes, min_gap):
     """Nothing lost or reordered, no bundle over a limit, and the next due
     time never later than any held item's window end or flush-by time, or
     min_gap after the last bundle left if that is later; bundles that are
-    closed for size leave at least min_gap apart."""
+    not closed for size leave at least min_gap apart."""
     window = 10.0
     a = agg(window=window, max_items=max_items, max_bytes=max_bytes, min_gap=min_gap)
     now = 0.0

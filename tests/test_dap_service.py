@@ -135,6 +135,16 @@ def test_example_config_is_valid_and_lists_every_option(tmp_path):
     assert cfg.meters_broker.password == "s3cret"
 
 
+def test_min_gap_is_at_most_the_window(tmp_path):
+    """A bundle is never held past its window, whatever min_gap says."""
+    path = tmp_path / "dap.toml"
+    for window, gap, want in ((0.2, None, 0.2), (0.5, 2, 0.5), (10, None, 0.25), (10, 3, 3.0)):
+        extra = "" if gap is None else f"min_gap = {gap}\n"
+        path.write_text(f"dap = 1\nstate_dir = 's'\n[meters_broker]\n[aggregate]\n"
+                        f"window = {window}\n{extra}")
+        assert Config.load(path).aggregate.min_gap == want
+
+
 @pytest.mark.parametrize("text, words", [
     ("", ["dap is missing"]),
     ("dap = 1\nstate_dir = 's'\n", ["meters_broker is missing"]),

@@ -1566,15 +1566,19 @@ def test_padding_hides_register_values(backend, a, b):
 @PROPS
 @given(rows=st.integers(0, MAX_ROWS), data=st.data())
 def test_padding_hides_interval_values(backend, rows, data):
-    """Two interval responses with the same rows and flags, whatever the
-    registers at their start and the values of their rows (the meter clamps
-    a row at 65,535 Wh): the same length."""
+    """Two interval responses with the same number of rows, whatever the
+    registers at their start, the values of their rows (the meter clamps a
+    row at 65,535 Wh and flags it) and which rows carry which quality
+    flags: the same length."""
     link = Link(backend, meter=1001, up=43)
     deltas = st.lists(st.integers(0, 0xFFFF), min_size=rows, max_size=rows)
+    flagged = st.lists(st.tuples(st.integers(0, max(rows - 1, 0)), st.integers(1, 15)),
+                       max_size=rows, unique_by=lambda f: f[0]).map(
+        lambda fs: [x for f in sorted(fs) for x in f] if rows else [])
     lengths = set()
     for _ in range(2):
         body = [8, 0, 1, NOW, 900, data.draw(u32), data.draw(u32), data.draw(deltas),
-                data.draw(deltas), [0, Q_CLOCK] if rows else []]
+                data.draw(deltas), data.draw(flagged)]
         link.meter.counter = Seq(43)
         wire = link.meter.seal(T_INTERVAL, body, nonce())[1]
         lengths.add(len(wire))

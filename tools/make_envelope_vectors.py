@@ -20,8 +20,9 @@ Inner message (CBOR array): [version 1, meter id (group id in a group body),
 direction (0 down, 1 up), type, counter, body...]. The plaintext of a
 response carrying readings is that array followed by zero bytes: for each
 register value, 5 less the bytes cbor2 takes for it; for each interval row
-value, 3 less its bytes, or none if it takes more (docs/protocol.md,
-"Padding").
+value, 3 less its bytes, or none if it takes more; and for the quality
+flags, what they take less than a one-byte flag on every row would
+(docs/protocol.md, "Padding").
 
 KEYS: every key here is a TEST-VECTOR key, public by construction: a secret
 key is SHA-256 of its seed string, e.g.
@@ -99,7 +100,9 @@ def padding(mtype: int, body: list) -> bytes:
     if mtype == T_CURRENT:
         return bytes(short(body[2][1::2], 5))
     if mtype == T_INTERVAL:
-        return bytes(short(body[5:7], 5) + short(body[7] + body[8], 3))
+        every_row = cbor2.dumps([x for row in range(len(body[7])) for x in (row, 1)])
+        flags = max(0, len(every_row) - len(cbor2.dumps(body[9])))
+        return bytes(short(body[5:7], 5) + short(body[7] + body[8], 3) + flags)
     return b""
 
 

@@ -215,7 +215,8 @@ def test_vectors_group_byte_for_byte():
 
 def test_padding_hides_values():
     """On the meter: readings of an idle home and a busy one, sealed, are
-    the same length; so are interval rows of 0 and 65,535 Wh."""
+    the same length; so are interval rows of 0 and 65,535 Wh, with quality
+    flags on none, some or every row."""
     key = link_key()
     lengths = []
     for power, export in ((0, 0), (8, 0), (412, 7), (65535, 123456), (0xFFFFFFFF, 0xFFFFFFFF)):
@@ -224,9 +225,10 @@ def test_padding_hides_values():
         lengths.append(len(ch.seal(T_CURRENT, [7, 1767229200, regs], os.urandom(24))[1]))
     check(len(set(lengths)) == 1, "current readings: lengths %r" % lengths)
     lengths = []
-    for v in (0, 23, 24, 255, 256, 65535):
+    flags = ([], [5, 4], [0, 1, 5, 4, 23, 8], [x for r in range(24) for x in (r, 15)])
+    for i, v in enumerate((0, 23, 24, 255, 256, 65535)):
         ch = Channel(B, key, 1001, UP, Fixed(43))
-        body = [8, 0, 1, 1767261600, 900, v, 0, [v] * 24, [v // 2] * 24, [5, 4]]
+        body = [8, 0, 1, 1767261600, 900, v, 0, [v] * 24, [v // 2] * 24, flags[i % 4]]
         wire = ch.seal(T_INTERVAL, body, os.urandom(24))[1]
         lengths.append(len(wire))
         got = Channel(B, key, 1001, DOWN, Fixed(0)).open(wire)
