@@ -234,7 +234,8 @@ def run(quick: bool, workdir: Path, only) -> dict:
                             "MQTT header, topic and PUBACK"}}
     out["upstream_bytes_per_reading_router"] = {
         "value": round(m["router"]["bytes_per_reading"], 1), "unit": "bytes per response",
-        "target": None, "better": "lower", "baseline": f"the sealed envelope: {len(current_response())} bytes",
+        "target": None, "better": "lower",
+        "baseline": f"the sealed envelope: {len(current_response())} bytes",
         "details": {"mosquitto": round(m["router"]["bytes_per_reading"], 1),
                     "amqtt": round(a["router"]["bytes_per_reading"], 1)}}
     return out

@@ -15,8 +15,9 @@ Method:
 - Baseline (first, alone on the broker): 10,000 plain paho clients (client
   ids raw<id>, in the same 4 processes, the same selector-loop design) each
   publish one message of SIZE random bytes - the size of a sealed current
-  reading (bench.m_wire.current_response) - at QoS 1 on d1/m<id>/up, all told "go" at once; a plain paho
-  subscriber in its own process receives them. Time: from "go" to the
+  reading (bench.m_wire.current_response) - at QoS 1 on d1/m<id>/up, all
+  told "go" at once; a plain paho subscriber in its own process receives
+  them. Time: from "go" to the
   10,000th arrival. Best of two.
 - The group read: the head-end (`python -m headend serve`, its own
   process), the DAP (`python -m dap`, aggregate mode, window 10 s,

@@ -33,17 +33,19 @@ def _json(obj: object) -> int:
     return len(json.dumps(obj, separators=(",", ":")).encode())
 
 
+KEY = bytes(range(32))
+
+
 def current_response() -> bytes:
     """The sealed current reading of docs/protocol.md §10 (padded): what
     the baselines of other benchmarks send as many bytes of."""
-    return Channel(NATIVE, bytes(range(32)), 1001, UP, Counter(42)).seal(
+    return Channel(NATIVE, KEY, 1001, UP, Counter(42)).seal(
         T_CURRENT, [7, TS, REGS], os.urandom(24))[1]
 
 
 def run(quick: bool, workdir, only) -> dict:
-    key = bytes(range(32))
-    up = Channel(NATIVE, key, 1001, UP, Counter(43))
-    down = Channel(NATIVE, key, 1001, DOWN, Counter(1000))
+    up = Channel(NATIVE, KEY, 1001, UP, Counter(43))
+    down = Channel(NATIVE, KEY, 1001, DOWN, Counter(1000))
     nonce = os.urandom(24)
     cur = current_response()
     req = down.seal(T_READ_CURRENT, [7, TS + 10, 0], nonce)[1]

@@ -88,10 +88,9 @@ class Aggregator(Generic[T]):
         if self._ready:
             return self._ready[0][0]
         if self._items:
-            assert self._deadline is not None
-            if self._last_out is not None and self._deadline < self._last_out + self.min_gap:
-                return self._last_out + self.min_gap
-            return self._deadline
+            if self._last_out is None:
+                return self._deadline
+            return max(self._deadline, self._last_out + self.min_gap)
         return None
 
     def due(self, now: float) -> bool:

@@ -154,6 +154,12 @@ def dumps(obj, max_depth=_MAX_DEPTH):
     return bytes(out)
 
 
+def head_size(n):
+    """The bytes _head writes for the argument n (an unsigned integer's
+    value, an array's item count): what padding counts (shared/messages.py)."""
+    return 1 if n < 24 else 2 if n < 0x100 else 3 if n < 0x10000 else 5 if n < 0x100000000 else 9
+
+
 def _head(out, major, n):
     # Initial byte plus the shortest argument; wide arguments are packed in
     # place (struct.pack_into) so that no temporary bytes are allocated.

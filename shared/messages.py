@@ -17,7 +17,7 @@ except ImportError:  # CPython
         return x
 
 
-from shared import obis
+from shared import cbor, obis
 from shared.const import (
     DEATH_ORDERLY,
     DOWN,
@@ -86,11 +86,11 @@ INTERVAL_WIDTH = const(3)
 
 
 def _size(x):
-    """The bytes CBOR takes for the unsigned integer x (an array's head for
-    x items), or None for anything else."""
+    """The bytes CBOR takes for the unsigned integer x, or None for anything
+    else."""
     if type(x) is not int or x < 0:
         return None
-    return 1 if x < 24 else 2 if x < 256 else 3 if x < 65536 else 5 if x <= MAX_U32 else 9
+    return cbor.head_size(x)
 
 
 def _short(x, width):
@@ -110,8 +110,10 @@ def _lists(*xs):
 def _flags_short(flags, rows):
     """How many bytes less the quality flags take than a flag (of one byte:
     the Q_ bits) on every one of `rows` rows would."""
-    full = _size(2 * rows) + rows + (rows if rows <= 24 else 24 + 2 * (rows - 24))
-    n = _size(len(flags))
+    full = cbor.head_size(2 * rows)
+    for row in range(rows):
+        full += cbor.head_size(row) + 1
+    n = cbor.head_size(len(flags))
     for x in flags:
         k = _size(x)
         if k is None:

@@ -1147,7 +1147,8 @@ def test_what_the_dap_learns(world: World) -> None:
         inner = cbor2.dumps([VERSION, m, UP, mtype, ctr] + widest)
         assert len(env) == ENV_HEADER + MAC_BYTES + len(inner)
         padded += 1
-    assert padded >= 2 * len(METERS) and len(powers) > 1  # readings that differ, lengths that do not
+    # readings that differ, lengths that do not
+    assert padded >= 2 * len(METERS) and len(powers) > 1
     up_sizes = sorted({n for t, sizes in by_topic.items() if t.endswith("/up") for n in sizes})
     captured = [e for _, _, e in w.dap.uplinks] + [p for _, p in w.dap.requests] + \
         [p for _, _, p in w.dap.deliveries]

@@ -113,8 +113,8 @@ def test_example_config_is_valid_and_lists_every_option(tmp_path):
     assert cfg.dap == 1 and cfg.mode == "aggregate" and cfg.headend_broker is None
     text = example.read_text()
     keys = ["mode", "state_dir", "host", "port", "username", "password", "password_file",
-            "tls_ca", "keepalive", "[headend_broker]", "window", "max_items", "max_bytes", "min_gap",
-            "disk_budget_bytes", "warn_fraction", "drain_rate", "ack_timeout", "sync",
+            "tls_ca", "keepalive", "[headend_broker]", "window", "max_items", "max_bytes",
+            "min_gap", "disk_budget_bytes", "warn_fraction", "drain_rate", "ack_timeout", "sync",
             "level", "stats_interval"]
     for k in keys:
         assert k in text, k

@@ -101,7 +101,7 @@ def test_sealed_case(backend, case):
     assert envelope.peek(wire) == (ENV_SEALED, meter)
     assert envelope.open(backend, key, wire) == pt
     assert backend.loads(pt, MAX_INNER, True) == case["decoded"]
-    pad = messages.padding(mtype, body)  # zero bytes after the item; the tool counts them with cbor2
+    pad = messages.padding(mtype, body)  # zero bytes after the item (the tool: with cbor2)
     assert pad == 0 or (pt[-pad:] == bytes(pad) and backend.loads(pt[:-pad], MAX_INNER)
                         == case["decoded"])
     receiver = Channel(backend, key, meter, DOWN if direction == UP else UP, Fixed(0))
