@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import combinations
+from typing import NamedTuple
 
 from headend.store import MeterRow, Store
 from shared import envelope, gateway, messages, obis, topics
@@ -225,6 +226,15 @@ class _Rows:
         self.answers, self.intervals = answers, intervals
 
 
+class Prepared(NamedTuple):
+    """A batch opened and checked (Ingest.prepare), not yet stored."""
+
+    batch: Batch
+    opened: list[tuple[Channel, int, int, list]]
+    made: _Rows
+    now: float
+
+
 class Ingest:
     def __init__(self, store: Store, secret_key: bytes, backend: Backend = DEFAULT) -> None:
         self.store = store
@@ -358,11 +368,18 @@ class Ingest:
         and skipped; it never raises for it. Raises only if the store fails,
         and then nothing of the batch is stored or remembered.
 
-        Two phases: every envelope is opened and checked first, with no
-        lock held and nothing changed; then, in the write transaction, the
-        replay state of the batch's meters is brought up to date with the
-        store (_refresh), each envelope passes its replay check in the
-        order it came, and what passed is written."""
+        Two phases: prepare() opens and checks every envelope, with no lock
+        held and nothing changed; commit() then, in the write transaction,
+        brings the replay state of the batch's meters up to date with the
+        store (_refresh), passes each envelope through its replay check in
+        the order it came, and writes what passed."""
+        return self.commit(self.prepare(messages_in, now))
+
+    def prepare(self, messages_in: list[tuple[str, bytes]], now: float) -> Prepared:
+        """process()'s first phase: open and check every envelope, and make
+        the rows the batch stores if each passes its replay check. Writes
+        nothing and moves no replay window (it may read a meter's channel
+        into the cache)."""
         batch = Batch()
         opened: list[tuple[Channel, int, int, list]] = []
         for topic, payload in messages_in:
@@ -378,10 +395,14 @@ class Ingest:
                 except ProtocolError as e:  # never a replay: that is checked below
                     batch.rejected[e.reason] += 1
                     log.warning("rejected envelope via %s: %s (%s)", topic, e, e.reason)
-        # What the batch stores if every envelope passes its replay check,
-        # made and staged outside the lock; again in the rare batch where
-        # one fails.
-        made = _Rows(opened, now)
+        # What the batch stores if every envelope passes its replay check;
+        # made again in the rare batch where one fails.
+        return Prepared(batch, opened, _Rows(opened, now), now)
+
+    def commit(self, prepared: Prepared) -> Batch:
+        """process()'s second phase: stage the rows (outside the lock), then
+        the replay checks and every write in one transaction."""
+        batch, opened, made, now = prepared
         store = self.store
         if made.rows:
             store.stage_readings(made.rows)

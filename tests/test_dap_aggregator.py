@@ -181,8 +181,8 @@ def test_min_gap_never_holds_a_full_bundle():
 def test_properties(ops, max_items, max_bytes, min_gap):
     """Nothing lost or reordered, no bundle over a limit, and the next due
     time never later than any held item's window end or flush-by time, or
-    min_gap after the last bundle left if that is later; bundles that are
-    not closed for size leave at least min_gap apart."""
+    min_gap after the last bundle that was not full left, if that is later;
+    those bundles leave at least min_gap apart."""
     window = 10.0
     a = agg(window=window, max_items=max_items, max_bytes=max_bytes, min_gap=min_gap)
     now = 0.0
@@ -190,42 +190,52 @@ def test_properties(ops, max_items, max_bytes, min_gap):
     deadline: dict[int, float] = {}  # latest time each held item may leave
     sizes = {}
     held: list[int] = []
-    last_out: list[float] = []  # when each bundle left
+    added: dict[int, int] = {}  # item -> step at which it was added
+    left: list[tuple[float, int]] = []  # (time, step) each bundle left
+    step = 0
 
     def take():
         b = a.take(now)
         out.append(b)
-        last_out.append(now)
+        left.append((now, step))
         for i in b:
             held.remove(i)
 
+    def full(k: int) -> bool:
+        """Was bundle k closed for its size? Full in items or bytes, or
+        closed by the next item, which did not fit - added before bundle k
+        left. Known once that next item is added."""
+        b = out[k]
+        n = sum(sizes[i] for i in b)
+        nxt = out[k + 1][0] if k + 1 < len(out) else (held[0] if held else None)
+        return (len(b) == max_items or n >= max_bytes
+                or (nxt is not None and added[nxt] < left[k][1]
+                    and n + sizes[nxt] > max_bytes))
+
     for i, (size, dt, fb) in enumerate(ops):
         now += dt
+        step += 1
         while a.due(now):
             take()
+        step += 1
         sizes[i] = size
+        added[i] = step
         flush_by = None if fb is None else now + fb
         a.add(i, size, now, flush_by)
         held.append(i)
         deadline[i] = min(now + window, flush_by if flush_by is not None else now + window)
         due = a.next_due()
         assert due is not None
-        gap_end = last_out[-1] + min_gap if last_out else now
+        partial = [t for k, (t, _) in enumerate(left) if not full(k)]
+        gap_end = partial[-1] + min_gap if partial else now
         assert due <= max(now, min(deadline[j] for j in held), gap_end)
     while len(a):
         now = max(now, a.next_due())
+        step += 1
         take()
     assert not held
-    # bundles not closed for size - not full (items or bytes), and not too
-    # big to take the item after them - leave at least min_gap apart
-    partial = []
-    for k, b in enumerate(out):
-        n = sum(sizes[i] for i in b)
-        after = out[k + 1][0] if k + 1 < len(out) else None
-        if not (len(b) == max_items or n >= max_bytes
-                or (after is not None and n + sizes[after] > max_bytes)):
-            partial.append(last_out[k])
-    assert all(t2 - t1 >= min_gap - 1e-9 for t1, t2 in zip(partial, partial[1:])), (out, last_out)
+    partial = [t for k, (t, _) in enumerate(left) if not full(k)]
+    assert all(t2 - t1 >= min_gap - 1e-9 for t1, t2 in zip(partial, partial[1:])), (out, left)
     flat = [i for b in out for i in b]
     assert flat == list(range(len(ops)))
     for b in out:

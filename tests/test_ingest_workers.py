@@ -155,6 +155,24 @@ def test_an_envelope_refused_by_its_replay_check_stores_nothing(two_workers) -> 
     assert [r[2] for r in store.readings(1, 1)] == [222, 333]
 
 
+def test_a_prepared_batch_is_checked_for_replays_only_when_committed(two_workers) -> None:
+    """Ingest.process is prepare() then commit(). prepare() opens and checks
+    with nothing written and no window moved, so the replay check belongs
+    to commit(): a batch prepared before the other worker stored the same
+    envelope is refused when it is committed, and stores nothing."""
+    a, b, meters, store = two_workers
+    env = meters[1].reading(1, 111)
+    prepared = a.prepare(via_dap(env), T)
+    assert len(prepared.opened) == 1 and prepared.batch.accepted == 0
+    assert store.reading_count() == 0 and store.counts() == {}
+    assert a.channel(1)[0].window.state() == (-1, 0)
+    assert b.process(via_dap(env), T).accepted == 1  # the other worker, meanwhile
+    batch = a.commit(prepared)
+    assert batch.accepted == 0 and dict(batch.rejected) == {"duplicate": 1}
+    assert batch.stored == 0 and store.reading_count() == 4
+    assert store.counts()["accepted"] == 1
+
+
 def test_staging_waits_for_no_other_writer(two_workers) -> None:
     """A worker stages its batch's rows while another holds the write lock
     (the staging table is private to its connection): only the short
