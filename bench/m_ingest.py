@@ -23,6 +23,10 @@ Method:
   nacl.public.Box per meter.
 - Raw: `boxes[meter].decrypt(env[29:], env[5:29])` for each envelope (the
   meter id read from the envelope to pick the box).
+- The store's floor (_store_floor), right after: the least SQLite could
+  cost per current reading with a row for the reading, the meter's window
+  and the answer, and the ratio ingest would reach with its store at that
+  floor; in the details.
 - Repeated: each repetition runs raw (best of 3) then ingest on fresh
   envelopes (new counters); the reported ratio is the median over
   repetitions.
@@ -36,6 +40,7 @@ export plus the two base registers: 270-272 bytes, 50 rows stored).
 from __future__ import annotations
 
 import os
+import sqlite3
 import statistics
 import time
 from pathlib import Path
@@ -45,7 +50,7 @@ from nacl.public import Box, PrivateKey, PublicKey
 from bench.common import log, wanted
 from bench.loadgen import T0
 from headend.ingest import Ingest
-from headend.store import Store
+from headend.store import CACHE_KIB, CHECKPOINT_PAGES, Store, _chunked
 from shared import gateway, obis
 from shared.backend import NATIVE
 from shared.channel import Channel
@@ -174,6 +179,56 @@ def _run_kind(kind: str, workdir: Path, meters: int, reps: int, rounds: int,
     }
 
 
+def _store_floor(workdir: Path, meters: int, rounds: int) -> float:
+    """The least a current reading could cost to store in SQLite, in us,
+    with what the head-end must keep of it - the reading, the meter's
+    replay window, the request's answer - each a row, written as cheaply
+    as SQLite writes them: one wide row per response (the registers as
+    columns), narrow window and answer tables keyed for the update,
+    multi-row statements of CHUNK rows, one commit per `meters` responses,
+    the store's pragmas (WAL, synchronous=FULL). Python builds the rows
+    beforehand; binding them is counted. Median over `rounds` rounds after
+    one to warm up. The head-end's store does more per response (four
+    rows, last-seen, a request's status, a partial index): this is its
+    floor."""
+    db_path = workdir / "ingest-floor.db"
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(db_path) + suffix).unlink(missing_ok=True)
+    db = sqlite3.connect(db_path, isolation_level=None)
+    for pragma in ("journal_mode=WAL", "synchronous=FULL", f"cache_size={-CACHE_KIB}",
+                   f"wal_autocheckpoint={CHECKPOINT_PAGES}"):
+        db.execute(f"PRAGMA {pragma}")
+    db.executescript(
+        "CREATE TABLE responses (hour INTEGER, meter INTEGER, start INTEGER, a INTEGER, "
+        "b INTEGER, c INTEGER, d INTEGER, received_at REAL, request INTEGER, "
+        "PRIMARY KEY (hour, meter, start)) WITHOUT ROWID;"
+        "CREATE TABLE windows (meter INTEGER PRIMARY KEY, top INTEGER, bits BLOB);"
+        "CREATE TABLE answers (request INTEGER, meter INTEGER, answered_at REAL, "
+        "PRIMARY KEY (request, meter)) WITHOUT ROWID;")
+    ids = range(1, meters + 1)
+    db.executemany("INSERT INTO windows VALUES (?, -1, x'')", [(m,) for m in ids])
+    insert = "INSERT OR IGNORE INTO responses VALUES {values}"
+    window = ("UPDATE windows SET top = v.column2, bits = v.column3 FROM (VALUES {values}) "
+              "AS v WHERE windows.meter = v.column1")
+    answer = ("UPDATE answers SET answered_at = v.column3 FROM (VALUES {values}) AS v "
+              "WHERE answers.request = v.column1 AND answers.meter = v.column2")
+    costs = []
+    for r in range(rounds + 1):
+        db.executemany("INSERT INTO answers VALUES (?, ?, NULL)", [(r, m) for m in ids])
+        ts, now = T0 + 900 * r, time.time()
+        rows = [(ts // 3600, m, ts, 3304512 + m, m % 7, 412, 2301, now, r) for m in ids]
+        wins = [(m, r, (r + 1).to_bytes(8, "big")) for m in ids]
+        answered = [(r, m, now) for m in ids]
+        t = time.perf_counter()
+        db.execute("BEGIN IMMEDIATE")
+        for sql, width, items in ((insert, 9, rows), (window, 3, wins), (answer, 3, answered)):
+            _chunked(db, sql, width, items)
+        db.execute("COMMIT")
+        costs.append((time.perf_counter() - t) / meters * 1e6)
+    db.close()
+    return statistics.median(costs[1:])
+
+
 def run(quick: bool, workdir: Path, only) -> dict:
     out = {}
     plan = {
@@ -188,6 +243,8 @@ def run(quick: bool, workdir: Path, only) -> dict:
         log(f"ingest {kind}: {meters} meters with {days} day(s) of history, "
             f"{reps} repetitions of {rounds} round(s)")
         r = _run_kind(kind, workdir, meters, reps, rounds, days)
+        raw_us = 1e6 / r["raw_per_s"]
+        floor_us = _store_floor(workdir, meters, 3 if quick else 8) if kind == "current" else None
         what = ("current readings (4 registers, %d B envelopes, 4 rows each)" % r["envelope_bytes"]
                 if kind == "current" else
                 "6-hour interval responses (%d B envelopes, %d rows each)"
@@ -206,10 +263,10 @@ def run(quick: bool, workdir: Path, only) -> dict:
                 # checking, building the rows) and Ingest.commit (staging,
                 # the replay checks, the write transaction), and the ratio
                 # ingest would reach if storing cost nothing
-                "us_per_envelope": {"raw_decrypt": round(1e6 / r["raw_per_s"], 2),
+                "us_per_envelope": {"raw_decrypt": round(raw_us, 2),
                                     "open_and_check": round(r["open_us"], 2),
                                     "store": round(r["store_us"], 2)},
-                "ratio_if_storing_were_free": round(1e6 / r["raw_per_s"] / r["open_us"], 3),
+                "ratio_if_storing_were_free": round(raw_us / r["open_us"], 3),
                 "meters": meters, "envelopes_ingested": r["accepted"],
                 "rows_stored": r["stored_rows"],
                 "bundle_size": BUNDLE, "envelopes_per_commit": BUNDLE * BUNDLES_PER_BATCH,
@@ -217,4 +274,12 @@ def run(quick: bool, workdir: Path, only) -> dict:
                 "history_days_stored_before": days,
             },
         }
+        if floor_us is not None:
+            # the most ingest could reach with these checks and a store in
+            # SQLite: opening and checking as measured, storing at the floor
+            # (_store_floor), measured right after
+            out[name]["details"].update({
+                "store_floor_us_per_response": round(floor_us, 2),
+                "ratio_with_the_store_at_its_floor": round(raw_us / (r["open_us"] + floor_us),
+                                                           3)})
     return out
