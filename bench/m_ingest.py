@@ -40,7 +40,6 @@ export plus the two base registers: 270-272 bytes, 50 rows stored).
 from __future__ import annotations
 
 import os
-import sqlite3
 import statistics
 import time
 from pathlib import Path
@@ -50,7 +49,7 @@ from nacl.public import Box, PrivateKey, PublicKey
 from bench.common import log, wanted
 from bench.loadgen import T0
 from headend.ingest import Ingest
-from headend.store import CACHE_KIB, CHECKPOINT_PAGES, Store, _chunked
+from headend.store import Store, _chunked
 from shared import gateway, obis
 from shared.backend import NATIVE
 from shared.channel import Channel
@@ -93,13 +92,18 @@ def _fill_history(store: Store, days: float) -> None:
     store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
-def _run_kind(kind: str, workdir: Path, meters: int, reps: int, rounds: int,
-              history_days: float) -> dict:
+def _new_store(workdir: Path, name: str) -> Store:
+    """An empty store, as the head-end opens it, in workdir/name."""
     workdir.mkdir(parents=True, exist_ok=True)
-    db = workdir / f"ingest-{kind}.db"
+    db = workdir / name
     for suffix in ("", "-wal", "-shm"):
         Path(str(db) + suffix).unlink(missing_ok=True)
-    store = Store(db)
+    return Store(db)
+
+
+def _run_kind(kind: str, workdir: Path, meters: int, reps: int, rounds: int,
+              history_days: float) -> dict:
+    store = _new_store(workdir, f"ingest-{kind}.db")
     store.add_dap(1, "aggregate")
     he = PrivateKey.generate()
     ids = list(range(1, meters + 1))
@@ -186,18 +190,13 @@ def _store_floor(workdir: Path, meters: int, rounds: int) -> float:
     as SQLite writes them: one wide row per response (the registers as
     columns), narrow window and answer tables keyed for the update,
     multi-row statements of CHUNK rows, one commit per `meters` responses,
-    the store's pragmas (WAL, synchronous=FULL). Python builds the rows
+    on a Store's connection (WAL, synchronous=FULL). Python builds the rows
     beforehand; binding them is counted. Median over `rounds` rounds after
     one to warm up. The head-end's store does more per response (four
     rows, last-seen, a request's status, a partial index): this is its
     floor."""
-    db_path = workdir / "ingest-floor.db"
-    for suffix in ("", "-wal", "-shm"):
-        Path(str(db_path) + suffix).unlink(missing_ok=True)
-    db = sqlite3.connect(db_path, isolation_level=None)
-    for pragma in ("journal_mode=WAL", "synchronous=FULL", f"cache_size={-CACHE_KIB}",
-                   f"wal_autocheckpoint={CHECKPOINT_PAGES}"):
-        db.execute(f"PRAGMA {pragma}")
+    store = _new_store(workdir, "ingest-floor.db")  # for its connection and pragmas
+    db = store.db
     db.executescript(
         "CREATE TABLE responses (hour INTEGER, meter INTEGER, start INTEGER, a INTEGER, "
         "b INTEGER, c INTEGER, d INTEGER, received_at REAL, request INTEGER, "
@@ -206,7 +205,8 @@ def _store_floor(workdir: Path, meters: int, rounds: int) -> float:
         "CREATE TABLE answers (request INTEGER, meter INTEGER, answered_at REAL, "
         "PRIMARY KEY (request, meter)) WITHOUT ROWID;")
     ids = range(1, meters + 1)
-    db.executemany("INSERT INTO windows VALUES (?, -1, x'')", [(m,) for m in ids])
+    with store.transaction():
+        db.executemany("INSERT INTO windows VALUES (?, -1, x'')", [(m,) for m in ids])
     insert = "INSERT OR IGNORE INTO responses VALUES {values}"
     window = ("UPDATE windows SET top = v.column2, bits = v.column3 FROM (VALUES {values}) "
               "AS v WHERE windows.meter = v.column1")
@@ -214,18 +214,19 @@ def _store_floor(workdir: Path, meters: int, rounds: int) -> float:
               "WHERE answers.request = v.column1 AND answers.meter = v.column2")
     costs = []
     for r in range(rounds + 1):
-        db.executemany("INSERT INTO answers VALUES (?, ?, NULL)", [(r, m) for m in ids])
+        with store.transaction():  # the requests, as a group read leaves them
+            db.executemany("INSERT INTO answers VALUES (?, ?, NULL)", [(r, m) for m in ids])
         ts, now = T0 + 900 * r, time.time()
         rows = [(ts // 3600, m, ts, 3304512 + m, m % 7, 412, 2301, now, r) for m in ids]
         wins = [(m, r, (r + 1).to_bytes(8, "big")) for m in ids]
         answered = [(r, m, now) for m in ids]
         t = time.perf_counter()
-        db.execute("BEGIN IMMEDIATE")
-        for sql, width, items in ((insert, 9, rows), (window, 3, wins), (answer, 3, answered)):
-            _chunked(db, sql, width, items)
-        db.execute("COMMIT")
+        with store.transaction():
+            for sql, width, items in ((insert, 9, rows), (window, 3, wins),
+                                      (answer, 3, answered)):
+                _chunked(db, sql, width, items)
         costs.append((time.perf_counter() - t) / meters * 1e6)
-    db.close()
+    store.close()
     return statistics.median(costs[1:])
 
 
